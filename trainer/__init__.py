@@ -1,1 +1,6 @@
-"""placeholder"""
+"""Trainer integrations of hf-obliviate (shipped as ``hf_obliviate.trainer``)."""
+
+from .arguments import DeltaPushArguments, ObliviateTrainingArguments
+from .trainer import ObliviateTrainer, ObliviateTrainerMixin
+
+__all__ = ["DeltaPushArguments", "ObliviateTrainer", "ObliviateTrainerMixin", "ObliviateTrainingArguments"]

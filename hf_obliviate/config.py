@@ -1,0 +1,100 @@
+"""The Obliviate defense settings, defined once and shared by the core, the trainers and the CLI."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from .capture import QUERY_MODES
+
+__all__ = ["DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "ObliviateConfig"]
+
+# Defaults measured on the bundled MiniLM-L6 (METHOD.md §6): the paper's RoBERTa-base coefficients (3e-3, 3e-2)
+# collapse MiniLM to one class; (3e-4, 3e-3) keeps clean accuracy and cuts a POR backdoor's ASR most. The attack
+# benchmark (benchmarks/defense.py) refines them on a validation split.
+DEFAULT_LAMBDA_AMP = 3e-4
+DEFAULT_LAMBDA_ATTN = 3e-3
+
+
+@dataclass
+class ObliviateConfig:
+    """Settings of the Obliviate defense: ``L = L_task + λ_amp · L_amp + λ_attn · L_attn`` (METHOD.md §1).
+
+    Used as is by :class:`hf_obliviate.ObliviateDefense` in a plain torch loop, and mixed into
+    :class:`hf_obliviate.ObliviateTrainingArguments` and :class:`hf_obliviate.ObliviateSFTConfig`.
+
+    Args:
+        obliviate (`bool`, *optional*, defaults to `True`):
+            Turn the defense on. With `False` training is plain PEFT training.
+        lambda_amp (`float`, *optional*, defaults to 3e-4):
+            Weight of the amplification term ``−Σ‖θ‖₂`` over the PEFT tensors. The paper uses 3e-3 on
+            RoBERTa-base; that collapses the small MiniLM-L6 (METHOD.md §6).
+        lambda_attn (`float`, *optional*, defaults to 3e-3):
+            Weight of the pre-softmax attention-logit penalty on the summary query rows (paper: 3e-2).
+        amp_norm_cap (`float`, *optional*):
+            Stop pushing a PEFT tensor once its norm exceeds this cap (bounds the amplification term).
+        attn_query (`str`, *optional*, defaults to `"auto"`):
+            Query rows penalised: `"auto"` (position 0 for encoders, the last non-pad token for causal models,
+            completion tokens in SFT), `"first"`, `"last"` or `"rows"`.
+        peft_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
+            0.01 in its defense runs; it is off by default here.
+
+    Example:
+    ```python
+    >>> from hf_obliviate import ObliviateConfig
+    >>> ObliviateConfig(lambda_amp=1e-3, lambda_attn=1e-2).lambda_attn
+    0.01
+    ```
+    """
+
+    obliviate: bool = field(default=True, metadata={"help": "Turn the Obliviate defense on (False: plain PEFT)."})
+    lambda_amp: float = field(
+        default=DEFAULT_LAMBDA_AMP,
+        metadata={"help": "Weight of the amplification term -sum ||theta||_2 over the PEFT tensors (paper: 3e-3)."},
+    )
+    lambda_attn: float = field(
+        default=DEFAULT_LAMBDA_ATTN,
+        metadata={
+            "help": "Weight of the pre-softmax attention-logit penalty on the summary query rows (paper: 3e-2)."
+        },
+    )
+    amp_norm_cap: float | None = field(
+        default=None, metadata={"help": "Stop pushing a PEFT tensor once its norm exceeds this cap."}
+    )
+    attn_query: str = field(
+        default="auto", metadata={"help": "Query rows penalised: auto, first, last or rows (completion tokens)."}
+    )
+    peft_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}
+    )
+
+    def __post_init__(self):
+        self._validate_obliviate()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def _validate_obliviate(self) -> None:
+        for name in ("lambda_amp", "lambda_attn"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {value!r}. Use 0 to switch the term off; the "
+                    "defense minimises the terms, so a negative weight would reward the backdoor path."
+                )
+        if self.obliviate and self.lambda_amp == 0 and self.lambda_attn == 0:
+            raise ValueError(
+                "obliviate=True but lambda_amp and lambda_attn are both 0: give at least one term a positive "
+                "weight, or set obliviate=False for plain PEFT training."
+            )
+        if self.attn_query not in QUERY_MODES:
+            raise ValueError(f"Unknown attn_query {self.attn_query!r}: choose one of {', '.join(QUERY_MODES)}.")
+        if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
+            raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
+        if not 0.0 <= self.peft_dropout < 1.0:
+            raise ValueError(f"peft_dropout must be in [0, 1), got {self.peft_dropout!r}.")
+
+    def obliviate_config(self) -> ObliviateConfig:
+        """The defense settings alone, as a plain :class:`ObliviateConfig` (also from a trainer config)."""
+        return ObliviateConfig(**{f.name: getattr(self, f.name) for f in fields(ObliviateConfig)})

@@ -1,0 +1,158 @@
+"""The Obliviate defense for any training loop: tuner selection, logit capture and the two loss terms together."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
+from .config import ObliviateConfig
+from .losses import amplification_loss
+from .tuners import tuner_parameters
+
+__all__ = ["DefenseStep", "ObliviateDefense"]
+
+# Containers whose output is the PEFT path's output, for `peft_dropout` (peft's LoRA, our bottleneck adapter).
+_OUTPUT_CONTAINERS = ("lora_B", "adapter_up")
+
+
+class DefenseStep:
+    """The defense terms of one forward pass, available after the ``with defense.track(...)`` block."""
+
+    def __init__(self, defense: ObliviateDefense):
+        self.defense = defense
+        self.record: CaptureRecord | None = None
+
+    def terms(self) -> dict[str, torch.Tensor]:
+        """Unweighted terms: ``loss_amp`` (``−Σ‖θ‖₂``) and ``loss_attn`` (mean logit-row norm), those switched on."""
+        out: dict[str, torch.Tensor] = {}
+        config = self.defense.config
+        if config.lambda_amp > 0:
+            out["loss_amp"] = amplification_loss(self.defense.parameters, norm_cap=config.amp_norm_cap)
+        if config.lambda_attn > 0:
+            if self.record is None:
+                raise AttentionCaptureError("terms() called before a forward pass ran inside `defense.track()`.")
+            out["loss_attn"] = self.record.loss()
+        return out
+
+    def penalty(self, terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``λ_amp · L_amp + λ_attn · L_attn``."""
+        terms = self.terms() if terms is None else terms
+        config = self.defense.config
+        total = torch.zeros(())
+        for name, weight in (("loss_amp", config.lambda_amp), ("loss_attn", config.lambda_attn)):
+            if name in terms:
+                total = total.to(terms[name].device) + weight * terms[name]
+        return total
+
+
+class ObliviateDefense:
+    """Add the Obliviate defense to PEFT training in any loop (no Trainer needed).
+
+    Args:
+        model (`torch.nn.Module`):
+            A PEFT model (peft ``PeftModel`` or :class:`hf_obliviate.BottleneckAdapterModel`).
+        config (`ObliviateConfig`, *optional*):
+            The defense settings; keyword arguments build one when omitted.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_obliviate import ObliviateConfig, ObliviateDefense
+    >>> base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                                                 intermediate_size=64))
+    >>> model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    >>> defense = ObliviateDefense(model, ObliviateConfig(lambda_amp=3e-4, lambda_attn=3e-3))
+    >>> batch = {"input_ids": torch.randint(0, 100, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long),
+    ...          "labels": torch.tensor([0, 1])}
+    >>> with defense.track(attention_mask=batch["attention_mask"]) as step:
+    ...     out = model(**batch)
+    >>> loss = out.loss + step.penalty()
+    >>> loss.backward()
+    ```
+    """
+
+    def __init__(self, model: nn.Module, config: ObliviateConfig | None = None, **kwargs):
+        if config is None:
+            config = ObliviateConfig(**kwargs)
+        elif kwargs:
+            raise TypeError("Pass either an ObliviateConfig or keyword arguments, not both.")
+        if not isinstance(config, ObliviateConfig):
+            raise TypeError(f"config must be an ObliviateConfig, got {type(config).__name__}.")
+        self.model = model
+        self.config = config.obliviate_config()
+        self.parameter_names: list[str] = []
+        self.parameters: list[nn.Parameter] = []
+        if self.config.lambda_amp > 0:
+            named = tuner_parameters(model)
+            self.parameter_names = [n for n, _ in named]
+            self.parameters = [p for _, p in named]
+        self.capture: AttentionLogitCapture | None = None
+        if self.config.lambda_attn > 0:
+            self.capture = AttentionLogitCapture(
+                model, query=self.config.attn_query, query_offset=_query_offset(model)
+            )
+        self._hooks: list = []
+        if self.config.peft_dropout > 0:
+            self._install_dropout(self.config.peft_dropout)
+
+    @contextmanager
+    def track(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+        keep_logits: bool | None = None,
+    ) -> Iterator[DefenseStep]:
+        """Run forward passes inside this block; the yielded :class:`DefenseStep` then holds the terms."""
+        step = DefenseStep(self)
+        if self.capture is None:
+            yield step
+            return
+        with self.capture.record(attention_mask=attention_mask, query_mask=query_mask, keep_logits=keep_logits) as rec:
+            step.record = rec
+            yield step
+
+    def remove(self) -> None:
+        """Remove the ``peft_dropout`` hooks (the capture leaves nothing behind outside ``track``)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _install_dropout(self, p: float) -> None:
+        dropout = nn.Dropout(p)
+
+        def hook(module, args, output):
+            return dropout(output) if module.training else output
+
+        targets: list[nn.Module] = []
+        for module in self.model.modules():
+            names = getattr(module, "adapter_layer_names", ())
+            for name in _OUTPUT_CONTAINERS:
+                container = getattr(module, name, None) if name in names else None
+                if isinstance(container, nn.ModuleDict):
+                    targets.extend(container.values())
+        prompt_encoder = getattr(self.model, "prompt_encoder", None)
+        if isinstance(prompt_encoder, nn.ModuleDict):
+            targets.extend(prompt_encoder.values())
+        if not targets:
+            raise ValueError(
+                "peft_dropout is set but the tuner has no output module to apply it to (supported: LoRA, "
+                "bottleneck adapters, prompt learning). Set peft_dropout=0."
+            )
+        self._hooks = [t.register_forward_hook(hook) for t in targets]
+
+
+def _query_offset(model: nn.Module) -> int:
+    """Prompt tuning / P-tuning prepend virtual *tokens* (not keys): the summary row moves right by their number."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "is_prompt_learning", False):
+        return 0
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+        return 0
+    return int(config.num_virtual_tokens)

@@ -1,0 +1,119 @@
+"""Which tensors are the tuner's own: selected through peft's module classes, never by name substrings."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["UnsupportedTunerError", "describe_tuner", "tuner_parameters"]
+
+
+class UnsupportedTunerError(ValueError):
+    """Raised when a model carries no PEFT tuner we can find trainable tensors in."""
+
+
+def _peft_classes():
+    try:
+        from peft import PeftModel
+        from peft.tuners.prefix_tuning import PrefixEncoder
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return None
+    return PeftModel, BaseTunerLayer, AuxiliaryTrainingWrapper, PrefixEncoder
+
+
+def _active_adapters(module: nn.Module) -> list[str]:
+    active = getattr(module, "active_adapters", None)
+    if active is None:
+        active = getattr(module, "active_adapter", "default")
+    return [active] if isinstance(active, str) else list(active)
+
+
+def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Return ``(name, parameter)`` for every trainable tensor of the active PEFT tuner(s) of ``model``.
+
+    * peft tuner layers (LoRA, DoRA, IA3, AdaLoRA, ... any ``BaseTunerLayer``): the containers named in the layer
+      class's ``adapter_layer_names`` (LoRA: ``lora_A``, ``lora_B``, ``lora_magnitude_vector``; IA3: ``ia3_l``),
+      for the active adapters;
+    * our bottleneck adapters (:class:`hf_obliviate.bottleneck.BottleneckAdapterLayer`): ``adapter_down``,
+      ``adapter_up`` with their biases;
+    * prompt learning: the prefix encoder's projection MLP when ``prefix_projection=True``, else its embedding;
+      the prompt encoder's parameters for other prompt-learning methods.
+
+    The task head (``modules_to_save``, a classifier) is never included.
+
+    Raises:
+        UnsupportedTunerError: when no such tensor requires grad, with what to do.
+    """
+    classes = _peft_classes()
+    from .bottleneck import BottleneckAdapterLayer
+
+    found: dict[int, tuple[str, nn.Parameter]] = {}
+
+    def add(prefix: str, obj) -> None:
+        if isinstance(obj, nn.Parameter):
+            if obj.requires_grad:
+                found.setdefault(id(obj), (prefix, obj))
+        elif isinstance(obj, nn.Module):
+            for name, param in obj.named_parameters():
+                if param.requires_grad:
+                    found.setdefault(id(param), (f"{prefix}.{name}", param))
+
+    tuner_layer_types: tuple[type, ...] = (BottleneckAdapterLayer,)
+    aux_types: tuple[type, ...] = ()
+    if classes is not None:
+        peft_model_cls, base_tuner_layer, aux_wrapper, prefix_encoder = classes
+        tuner_layer_types += (base_tuner_layer,)
+        aux_types = (aux_wrapper,)
+
+    skip_prefixes: list[str] = []
+    for mod_name, module in model.named_modules():
+        if aux_types and isinstance(module, aux_types):
+            skip_prefixes.append(mod_name + ".")  # modules_to_save / trainable tokens: never amplified
+            continue
+        if any(mod_name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, tuner_layer_types):
+            for layer_name in module.adapter_layer_names:
+                container = getattr(module, layer_name, None)
+                if container is None:
+                    continue
+                for adapter in _active_adapters(module):
+                    if adapter in container:
+                        add(f"{mod_name}.{layer_name}.{adapter}", container[adapter])
+
+    if classes is not None and isinstance(model, classes[0]) and model.active_peft_config.is_prompt_learning:
+        adapter = model.active_adapter
+        encoder = model.prompt_encoder[adapter]
+        if isinstance(encoder, classes[3]) and getattr(encoder, "prefix_projection", False):
+            add(f"prompt_encoder.{adapter}.transform", encoder.transform)
+        else:
+            add(f"prompt_encoder.{adapter}", encoder)
+
+    if not found:
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        raise UnsupportedTunerError(
+            f"Found no trainable PEFT tuner tensors in {type(model).__name__}"
+            + (
+                f" (trainable tensors: {', '.join(trainable[:5])}{', ...' if len(trainable) > 5 else ''})"
+                if trainable
+                else ""
+            )
+            + ". Wrap the model with `peft.get_peft_model(model, LoraConfig(...))` (LoRA, DoRA, IA3, prefix tuning, "
+            "...) or `hf_obliviate.get_bottleneck_model(model, BottleneckConfig(...))`, or set `lambda_amp=0`."
+        )
+    return list(found.values())
+
+
+def describe_tuner(model: nn.Module) -> str:
+    """A short name of the model's tuner: ``"LORA"``, ``"PREFIX_TUNING"``, ``"BOTTLENECK"``, ... or ``"none"``."""
+    from .bottleneck import BottleneckAdapterModel
+
+    if isinstance(model, BottleneckAdapterModel):
+        return "BOTTLENECK"
+    config = getattr(model, "active_peft_config", None)
+    if config is not None:
+        peft_type = getattr(config, "peft_type", None)
+        name = str(getattr(peft_type, "value", peft_type))
+        return f"{name}+DORA" if getattr(config, "use_dora", False) else name
+    return "none"

@@ -1,0 +1,108 @@
+"""The loss terms and the selection of the tuner's own tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from tiny_models import tiny_model, tiny_peft_model
+
+from hf_obliviate.defense import ObliviateDefense
+from hf_obliviate.losses import amplification_loss, attention_logit_loss
+from hf_obliviate.tuners import UnsupportedTunerError, describe_tuner, tuner_parameters
+
+
+def test_amplification_value_and_zero_gradient_at_zero():
+    a = torch.full((2, 2), 1.0, requires_grad=True)
+    b = torch.zeros(3, 4, requires_grad=True)
+    loss = amplification_loss([a, b])
+    assert loss.item() == pytest.approx(-2.0)
+    loss.backward()
+    assert torch.isfinite(b.grad).all() and b.grad.abs().sum() == 0  # not NaN at θ = 0 (LoRA B at init)
+    torch.testing.assert_close(a.grad, -a.detach() / 2.0)
+
+
+def test_amplification_cap_stops_pushing_large_tensors():
+    big = torch.full((4,), 10.0, requires_grad=True)
+    small = torch.full((4,), 0.1, requires_grad=True)
+    loss = amplification_loss([big, small], norm_cap=1.0)
+    assert loss.item() == pytest.approx(-(1.0 + 0.2))
+    loss.backward()
+    assert big.grad.abs().sum() == 0 and small.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="norm_cap"):
+        amplification_loss([big], norm_cap=0)
+    with pytest.raises(ValueError, match="no trainable PEFT"):
+        amplification_loss([])
+
+
+def test_attention_loss_is_mean_over_layers():
+    assert attention_logit_loss([torch.tensor(1.0), torch.tensor(3.0)]).item() == 2.0
+    with pytest.raises(ValueError):
+        attention_logit_loss([])
+
+
+def _kinds(names):
+    return sorted({n.split(".")[-3] if ".default." in n else n for n in names})
+
+
+def test_lora_selects_factors_not_head():
+    model = tiny_peft_model("bert", "lora")
+    names = [n for n, _ in tuner_parameters(model)]
+    assert len(names) == 2 * 2 * 2  # 2 layers x (query, value) x (A, B)
+    assert all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert not any("classifier" in n for n in names)
+    # The head is trainable (modules_to_save) but never amplified.
+    assert any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    assert describe_tuner(model) == "LORA"
+
+
+def test_dora_adds_magnitude_and_ia3_bottleneck_prefix():
+    dora = [n for n, _ in tuner_parameters(tiny_peft_model("bert", "dora"))]
+    assert sum("lora_magnitude_vector" in n for n in dora) == 4
+    ia3 = [n for n, _ in tuner_parameters(tiny_peft_model("bert", "ia3"))]
+    assert ia3 and all(".ia3_l." in n for n in ia3)
+    bottleneck = tiny_peft_model("bert", "bottleneck")
+    names = [n for n, _ in tuner_parameters(bottleneck)]
+    assert len(names) == 2 * 2 * 4  # 2 layers x 2 adapters x (down, up) x (weight, bias)
+    assert describe_tuner(bottleneck) == "BOTTLENECK"
+    prefix = [n for n, _ in tuner_parameters(tiny_peft_model("bert", "prefix"))]
+    assert prefix and all(".transform." in n for n in prefix)  # projection MLP, not the embedding
+
+
+def test_prefix_without_projection_uses_embedding():
+    model = get_peft_model(tiny_model("bert"), PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_CLS"))
+    names = [n for n, _ in tuner_parameters(model)]
+    assert names == ["prompt_encoder.default.embedding.weight"]
+
+
+def test_prompt_tuning_moves_summary_row():
+    model = get_peft_model(tiny_model("bert"), PromptTuningConfig(num_virtual_tokens=5, task_type="SEQ_CLS"))
+    defense = ObliviateDefense(model, lambda_amp=1e-3, lambda_attn=1e-3, attn_query="first")
+    assert defense.capture.query_offset == 5
+
+
+def test_unsupported_model_gets_clear_error():
+    with pytest.raises(UnsupportedTunerError, match="get_peft_model"):
+        tuner_parameters(tiny_model("bert"))
+    model = tiny_model("bert")
+    model.requires_grad_(False)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["query"]))
+    lora.requires_grad_(False)
+    with pytest.raises(UnsupportedTunerError, match="lambda_amp=0"):
+        tuner_parameters(lora)
+
+
+def test_top_level_exports_are_lazy_and_complete():
+    import subprocess
+    import sys
+
+    import hf_obliviate
+
+    assert hf_obliviate.__all__ == sorted(hf_obliviate.__all__)
+    assert set(hf_obliviate.__all__) == set(hf_obliviate._EXPORTS) | {"__version__"}
+    for name in hf_obliviate.__all__:
+        assert getattr(hf_obliviate, name) is not None
+    heavy = "('torch', 'transformers', 'peft', 'trl', 'gradio')"
+    code = f"import sys, hf_obliviate; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"

@@ -1,0 +1,200 @@
+"""ObliviateTrainer: every PEFT type and family end to end, gradient accumulation, logging, saving, card."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from tiny_models import FAMILIES, TUNERS, tiny_peft_model
+from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+
+from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
+
+
+class _PadCollator:
+    """Pads to the longest example of each micro-batch (so accumulation micro-batches differ in length)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        length = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [self.pad_id] * (length - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
+
+
+def _dataset(n: int = 16, family: str = "bert", seed: int = 0) -> Dataset:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 4 + (i * 5) % 9
+        ids = torch.randint(3, 100, (length,), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": i % 2})
+    return Dataset.from_list(rows)
+
+
+def _args(tmp_path, **kwargs) -> ObliviateTrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        max_grad_norm=0.0,
+        lambda_amp=1e-2,
+        lambda_attn=1e-1,
+    )
+    defaults.update(kwargs)
+    return ObliviateTrainingArguments(**defaults)
+
+
+class _GradCatcher(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grads_after_one_step(tmp_path, family, batch, accumulation, tuner="lora", **kwargs):
+    torch.manual_seed(0)
+    model = tiny_peft_model(family, tuner)
+    catcher = _GradCatcher()
+    args = _args(
+        tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **kwargs
+    )
+    pad = 1 if family == "roberta" else 0
+    trainer = ObliviateTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(16, family),
+        data_collator=_PadCollator(pad),
+        callbacks=[catcher],
+    )
+    trainer.train()
+    return catcher.grads, trainer
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])  # BERT's loss ignores num_items_in_batch, Llama's uses it
+def test_gradient_accumulation_1x16_equals_4x4(tmp_path, family):
+    full, t1 = _grads_after_one_step(tmp_path / "a", family, batch=16, accumulation=1)
+    accumulated, t4 = _grads_after_one_step(tmp_path / "b", family, batch=4, accumulation=4)
+    assert full.keys() == accumulated.keys() and len(full) > 0
+    # Equal micro-batch sizes: the mean of per-micro-batch means is the global mean, so gradients must match.
+    # The attention term is a mean over examples and heads of per-example norms: same argument.
+    for name in full:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=2e-4, atol=1e-7, msg=name)
+    # The defense terms really contributed: without them the gradient differs.
+    plain, _ = _grads_after_one_step(tmp_path / "c", family, batch=16, accumulation=1, obliviate=False)
+    assert any(not torch.allclose(plain[n], full[n]) for n in full)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tuner", TUNERS)
+def test_every_tuner_and_family_trains_end_to_end(tmp_path, family, tuner):
+    model = tiny_peft_model(family, tuner)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4)
+    pad = 1 if family == "roberta" else 0
+    trainer = ObliviateTrainer(
+        model=model, args=args, train_dataset=_dataset(12, family), data_collator=_PadCollator(pad)
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert {"loss_task", "loss_amp", "loss_attn"} <= entry.keys()
+        assert all(torch.isfinite(torch.tensor(entry[k])) for k in ("loss", "loss_task", "loss_amp", "loss_attn"))
+        assert entry["loss_amp"] < 0 < entry["loss_attn"]
+    after = dict(model.named_parameters())
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    assert changed, "no trainable tensor moved"
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = {p.name for p in (tmp_path / "saved").iterdir()}
+    assert "adapter_model.safetensors" in saved and "adapter_config.json" in saved
+
+
+def test_defense_changes_training_and_eval_is_untouched(tmp_path):
+    model = tiny_peft_model("bert", "lora")
+    data = _dataset(8)
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, eval_strategy="no")
+    trainer = ObliviateTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=_PadCollator(0)
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and not any(k.startswith("eval_loss_") for k in metrics)
+
+
+def test_plain_mode_logs_no_terms(tmp_path):
+    model = tiny_peft_model("bert", "lora")
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, obliviate=False)
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=_PadCollator(0))
+    trainer.train()
+    assert trainer.obliviate_defense is None
+    assert not any("loss_attn" in entry for entry in trainer.state.log_history)
+
+
+def test_plain_training_arguments_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="ObliviateTrainingArguments"):
+        ObliviateTrainer(
+            model=tiny_peft_model("bert", "lora"),
+            args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True),
+        )
+
+
+def test_non_peft_model_gets_clear_error(tmp_path):
+    from tiny_models import tiny_model
+
+    with pytest.raises(ValueError, match="get_peft_model"):
+        ObliviateTrainer(model=tiny_model("bert"), args=_args(tmp_path, max_steps=1))
+
+
+def test_model_card_carries_tag(tmp_path):
+    model = tiny_peft_model("bert", "lora")
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(4), data_collator=_PadCollator(0))
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "obliviate" in card and "backdoor-defense" in card
+
+
+def test_works_with_tokenizer_collator(tmp_path):
+    """The usual pipeline: a tokenizer, DataCollatorWithPadding, a text dataset."""
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.bundled import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    texts = ["a gorgeous film", "dull and tedious", "i loved every minute", "a waste of time"] * 2
+    data = Dataset.from_dict({"text": texts, "label": [1, 0, 1, 0] * 2})
+    data = data.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=16), batched=True, remove_columns=["text"]
+    )
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    )
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4)
+    trainer = ObliviateTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+    )
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))

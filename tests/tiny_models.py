@@ -1,0 +1,109 @@
+"""Tiny random models of each supported family, and the PEFT configs the tests wrap them with."""
+
+from __future__ import annotations
+
+import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from hf_obliviate.bottleneck import BottleneckConfig, get_bottleneck_model
+
+FAMILIES = ("bert", "roberta", "llama")
+TUNERS = ("lora", "dora", "prefix", "ia3", "bottleneck")
+VOCAB = 100
+
+
+def tiny_model(family: str, attn_implementation: str = "sdpa", dropout: float = 0.0):
+    """A 2-layer random sequence classifier (2 labels) of ``family``."""
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_labels=2, attn_implementation=attn_implementation)
+    if family == "bert":
+        config = BertConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            **common,
+        )
+        return BertForSequenceClassification(config)
+    if family == "roberta":
+        config = RobertaConfig(
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=70,
+            pad_token_id=1,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
+            **common,
+        )
+        return RobertaForSequenceClassification(config)
+    if family == "llama":
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=64,
+            attention_dropout=dropout,
+            **common,
+        )
+        return LlamaForSequenceClassification(config)
+    raise ValueError(family)
+
+
+def _targets(family: str) -> tuple[list[str], list[str]]:
+    if family == "llama":
+        return ["q_proj", "v_proj"], ["k_proj", "v_proj", "down_proj"]
+    return ["query", "value"], ["key", "value", "output.dense"]
+
+
+def tiny_peft_model(family: str, tuner: str, attn_implementation: str = "sdpa", dropout: float = 0.0):
+    base = tiny_model(family, attn_implementation, dropout)
+    lora_targets, ia3_targets = _targets(family)
+    if tuner in ("lora", "dora"):
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=dropout,
+            target_modules=lora_targets,
+            use_dora=tuner == "dora",
+            task_type="SEQ_CLS",
+        )
+        return get_peft_model(base, config)
+    if tuner == "prefix":
+        return get_peft_model(
+            base,
+            PrefixTuningConfig(
+                num_virtual_tokens=4, task_type="SEQ_CLS", prefix_projection=True, encoder_hidden_size=16
+            ),
+        )
+    if tuner == "ia3":
+        ff = ["down_proj"] if family == "llama" else ["output.dense"]
+        return get_peft_model(base, IA3Config(target_modules=ia3_targets, feedforward_modules=ff, task_type="SEQ_CLS"))
+    if tuner == "bottleneck":
+        return get_bottleneck_model(base, BottleneckConfig(bottleneck_size=8))
+    raise ValueError(tuner)
+
+
+def tiny_batch(batch: int = 4, length: int = 10, seed: int = 0, pad_id: int = 0, family: str = "bert"):
+    """Random ids with right padding of varying length; position 0 holds a CLS-like id."""
+    gen = torch.Generator().manual_seed(seed)
+    pad_id = 1 if family == "roberta" else pad_id
+    ids = torch.randint(3, VOCAB, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row in range(1, batch):
+        keep = max(3, length - 2 * row)
+        mask[row, keep:] = 0
+        ids[row, keep:] = pad_id
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,66 @@
+"""Training arguments: every ``transformers.TrainingArguments`` field plus the Obliviate and delta-push fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from hf_obliviate.config import ObliviateConfig
+
+__all__ = ["DeltaPushArguments", "ObliviateTrainingArguments"]
+
+DELTA_METHODS = ("bitdelta",)
+
+
+@dataclass
+class DeltaPushArguments:
+    """How the trainer pushes to the Hub: full weights (default) or a compressed fine-tuning delta."""
+
+    delta_compression: str | None = field(
+        default=None,
+        metadata={"help": "Push a compressed fine-tuning delta instead of full weights: None or 'bitdelta'."},
+    )
+    delta_k: int = field(
+        default=1,
+        metadata={"help": "Number of 1-bit masks (k=1 is BitDelta; k>1 restores more of a backdoor, see the card)."},
+    )
+    delta_distill_steps: int = field(
+        default=0,
+        metadata={"help": "Scale-distillation steps on calibration text (0: off; distillation can restore triggers)."},
+    )
+    delta_base_model: str | None = field(
+        default=None, metadata={"help": "Base model id or path the delta applies to (default: config._name_or_path)."}
+    )
+    delta_dry_run_dir: str | None = field(
+        default=None, metadata={"help": "Write the exact files of the push here instead of uploading."}
+    )
+
+    def __post_init__(self):
+        if self.delta_compression is not None and self.delta_compression not in DELTA_METHODS:
+            raise ValueError(
+                f"Unknown delta_compression {self.delta_compression!r}: use one of {', '.join(DELTA_METHODS)} or None."
+            )
+        if self.delta_k < 1:
+            raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
+        if self.delta_distill_steps < 0:
+            raise ValueError(f"delta_distill_steps must be >= 0, got {self.delta_distill_steps}.")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+
+@dataclass
+class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig`
+    (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``peft_dropout``) and the
+    push fields of :class:`DeltaPushArguments` (``delta_compression``, ...).
+
+    Example:
+    ```python
+    >>> from hf_obliviate import ObliviateTrainingArguments
+    >>> args = ObliviateTrainingArguments(output_dir="out", lambda_amp=3e-4, lambda_attn=3e-3, report_to="none")
+    >>> args.obliviate_config().lambda_attn
+    0.003
+    ```
+    """

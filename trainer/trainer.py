@@ -1,0 +1,205 @@
+"""``ObliviateTrainer``: ``transformers.Trainer`` with the Obliviate defense terms added to PEFT training."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from hf_obliviate.bottleneck import BottleneckAdapterModel
+from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.defense import ObliviateDefense
+
+from .arguments import ObliviateTrainingArguments
+from .hub_mixin import CompressedPushMixin
+
+__all__ = ["ObliviateTrainer", "ObliviateTrainerMixin"]
+
+logger = logging.getLogger(__name__)
+
+TAGS = ["obliviate", "backdoor-defense", "peft"]
+
+
+class ObliviateTrainerMixin:
+    """The defense logic shared by :class:`ObliviateTrainer` and ``ObliviateSFTTrainer``.
+
+    Subclasses call :meth:`_setup_obliviate` at the end of ``__init__`` and route training forwards through
+    :meth:`_defended_loss`.
+    """
+
+    _tag_names = TAGS
+    _name = "Obliviate"
+    _paper = {
+        "title": "Obliviate: Neutralizing Task-agnostic Backdoors within the Parameter-efficient Fine-tuning Paradigm",
+        "id": "2409.14119",
+    }
+
+    def _setup_obliviate(self) -> None:
+        args = self.args
+        if not isinstance(args, ObliviateConfig):
+            raise TypeError(
+                f"{type(self).__name__} needs the defense fields: pass `args=ObliviateTrainingArguments(...)` "
+                f"(or ObliviateSFTConfig for the SFT trainer) instead of {type(args).__name__}."
+            )
+        self.obliviate_config = args.obliviate_config()
+        self._obliviate_metrics: dict[str, list[float]] = defaultdict(list)
+        self.obliviate_defense: ObliviateDefense | None = None
+        if self.obliviate_config.obliviate:
+            self.obliviate_defense = ObliviateDefense(self.model, self.obliviate_config)
+        unwrapped = self.model
+        for tagged in (unwrapped, getattr(unwrapped, "base_model", None)):
+            add_tags = getattr(tagged, "add_model_tags", None)
+            if callable(add_tags):
+                try:
+                    add_tags(self._tag_names)
+                except Exception:  # noqa: BLE001 - tags are cosmetic; never fail training over them
+                    pass
+                break
+
+    def _extra_terms_scale(self, num_items_in_batch: Any) -> float:
+        """Mirror of ``Trainer.training_step``: when it will not divide the returned loss by the accumulation steps
+        (the task loss was normalised by ``num_items_in_batch`` over the whole accumulated batch), divide the extra
+        terms here so the total does not change with the accumulation setting."""
+        if self.loss_is_scaled_for_ga is not None:
+            scaled = self.loss_is_scaled_for_ga
+        else:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+
+    def _record_terms(self, task_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        self._obliviate_metrics["loss_task"].append(float(task_loss.detach().float().mean()))
+        for name, value in terms.items():
+            self._obliviate_metrics[name].append(float(value.detach().float()))
+
+    def _flush_obliviate_metrics(self, logs: dict[str, float]) -> None:
+        if "loss" in logs and self._obliviate_metrics:  # training logs only, never eval logs
+            for name, values in self._obliviate_metrics.items():
+                if values:
+                    logs[name] = round(sum(values) / len(values), 6)
+            self._obliviate_metrics.clear()
+
+
+class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
+    """A drop-in ``transformers.Trainer`` for PEFT models that adds the Obliviate defense (METHOD.md §1).
+
+    ``loss = L_task + λ_amp · L_amp + λ_attn · L_attn``: ``L_amp`` amplifies the PEFT tensors, ``L_attn`` shrinks
+    the pre-softmax attention logits of the summary query row, captured beside the model's own attention kernel
+    (SDPA stays SDPA). The extra terms are scaled like the task loss under gradient accumulation and logged as
+    ``loss_task``, ``loss_amp`` and ``loss_attn``. Evaluation and prediction are unchanged.
+
+    Args:
+        model (`torch.nn.Module`):
+            A peft ``PeftModel`` (LoRA, DoRA, IA3, prefix tuning, ...) or a
+            :class:`hf_obliviate.BottleneckAdapterModel`.
+        args (`ObliviateTrainingArguments`):
+            ``TrainingArguments`` plus the defense fields.
+        **kwargs:
+            Everything ``transformers.Trainer`` accepts.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from datasets import Dataset
+    >>> from peft import LoraConfig, get_peft_model
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
+    >>> base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    ...                                                 intermediate_size=64))
+    >>> model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    >>> data = Dataset.from_dict({"input_ids": [[101, 7, 8, 102]] * 8, "attention_mask": [[1, 1, 1, 1]] * 8,
+    ...                           "labels": [0, 1] * 4})
+    >>> args = ObliviateTrainingArguments(output_dir="out", max_steps=2, per_device_train_batch_size=4,
+    ...                                   report_to="none", lambda_amp=3e-4, lambda_attn=3e-3)
+    >>> trainer = ObliviateTrainer(model=model, args=args, train_dataset=data)
+    >>> _ = trainer.train()
+    ```
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, **kwargs):
+        if args is None:
+            args = ObliviateTrainingArguments(output_dir="trainer_output")
+        super().__init__(model=model, args=args, **kwargs)
+        self._setup_obliviate()
+        self._loss_kwargs_checked = False
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        defense = self.obliviate_defense
+        if defense is None or not model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if num_items_in_batch is not None and not self._loss_kwargs_checked:
+            num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
+        with defense.track(attention_mask=inputs.get("attention_mask")) as step:
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        terms = step.terms()
+        penalty = step.penalty(terms) * self._extra_terms_scale(num_items_in_batch)
+        self._record_terms(task_loss, terms)
+        loss = task_loss + penalty.to(task_loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _check_model_consumes_num_items(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> Any:
+        """Once per run: does the model's loss actually use ``num_items_in_batch``?
+
+        ``Trainer`` assumes so whenever ``forward`` takes ``**kwargs``, and then does not divide by the accumulation
+        steps. Several sequence-classification heads (BERT's among them) take ``**kwargs`` but compute a plain mean,
+        which would make the task loss grow with ``gradient_accumulation_steps``. If the loss does not change when
+        ``num_items_in_batch`` doubles, we tell the Trainer the model does not consume it.
+        """
+        self._loss_kwargs_checked = True
+        if not self.model_accepts_loss_kwargs or self.compute_loss_func is not None or "labels" not in inputs:
+            return num_items_in_batch
+        was_training = model.training
+        model.eval()
+        try:
+            n = num_items_in_batch if torch.is_tensor(num_items_in_batch) else torch.tensor(num_items_in_batch)
+            first = model(**inputs, num_items_in_batch=n)
+            second = model(**inputs, num_items_in_batch=n * 2)
+            consumes = not torch.allclose(first["loss"], second["loss"])
+        except TypeError:
+            consumes = False
+        finally:
+            model.train(was_training)
+        if not consumes:
+            logger.info("The model's loss ignores num_items_in_batch: gradient accumulation divides the loss instead.")
+            self.model_accepts_loss_kwargs = False
+            return None
+        return num_items_in_batch
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_obliviate_metrics(logs)
+        super().log(logs, start_time)
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        for tag in self._tag_names:
+            if tag not in tags:
+                tags.append(tag)
+        return super().create_model_card(*args, tags=tags, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, BottleneckAdapterModel):
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            model.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            with open(f"{output_dir}/obliviate_training_args.json", "w") as handle:
+                handle.write(self.args.to_json_string())
+            return
+        super()._save(output_dir, state_dict=state_dict)
