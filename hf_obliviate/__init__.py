@@ -14,37 +14,67 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AttentionCaptureError": "hf_obliviate.capture",
     "AttentionLogitCapture": "hf_obliviate.capture",
+    "BaseMismatchError": "hf_obliviate.delta",
     "BottleneckAdapterModel": "hf_obliviate.bottleneck",
     "BottleneckConfig": "hf_obliviate.bottleneck",
+    "CompressedDelta": "hf_obliviate.delta",
+    "CorruptDeltaError": "hf_obliviate.delta",
+    "DeltaFormatError": "hf_obliviate.delta",
     "DeltaPushArguments": "hf_obliviate.trainer",
+    "DistillConfig": "hf_obliviate.delta",
+    "HubAuthError": "hf_obliviate.hub",
     "ObliviateConfig": "hf_obliviate.config",
     "ObliviateDefense": "hf_obliviate.defense",
     "ObliviateTrainer": "hf_obliviate.trainer",
     "ObliviateTrainingArguments": "hf_obliviate.trainer",
+    "ShapeMismatchError": "hf_obliviate.delta",
+    "UnsupportedFormatVersionError": "hf_obliviate.delta",
     "UnsupportedTunerError": "hf_obliviate.tuners",
     "amplification_loss": "hf_obliviate.losses",
     "attention_logit_loss": "hf_obliviate.losses",
+    "compress_checkpoints": "hf_obliviate.delta",
+    "compress_delta": "hf_obliviate.delta",
+    "compress_model": "hf_obliviate.delta",
+    "distill_scales": "hf_obliviate.delta",
+    "fine_tune": "hf_obliviate.trainer",
     "get_bottleneck_model": "hf_obliviate.bottleneck",
+    "load_compressed": "hf_obliviate.hub",
     "load_movie_reviews": "hf_obliviate.data",
+    "push_compressed_delta": "hf_obliviate.hub",
     "tuner_parameters": "hf_obliviate.tuners",
 }
 
 __all__ = [
     "AttentionCaptureError",
     "AttentionLogitCapture",
+    "BaseMismatchError",
     "BottleneckAdapterModel",
     "BottleneckConfig",
+    "CompressedDelta",
+    "CorruptDeltaError",
+    "DeltaFormatError",
     "DeltaPushArguments",
+    "DistillConfig",
+    "HubAuthError",
     "ObliviateConfig",
     "ObliviateDefense",
     "ObliviateTrainer",
     "ObliviateTrainingArguments",
+    "ShapeMismatchError",
+    "UnsupportedFormatVersionError",
     "UnsupportedTunerError",
     "__version__",
     "amplification_loss",
     "attention_logit_loss",
+    "compress_checkpoints",
+    "compress_delta",
+    "compress_model",
+    "distill_scales",
+    "fine_tune",
     "get_bottleneck_model",
+    "load_compressed",
     "load_movie_reviews",
+    "push_compressed_delta",
     "tuner_parameters",
 ]
 
@@ -67,7 +97,21 @@ if TYPE_CHECKING:  # pragma: no cover
     from .capture import AttentionCaptureError, AttentionLogitCapture
     from .config import ObliviateConfig
     from .data import load_movie_reviews
+    from .delta import (
+        BaseMismatchError,
+        CompressedDelta,
+        CorruptDeltaError,
+        DeltaFormatError,
+        DistillConfig,
+        ShapeMismatchError,
+        UnsupportedFormatVersionError,
+        compress_checkpoints,
+        compress_delta,
+        compress_model,
+        distill_scales,
+    )
     from .defense import ObliviateDefense
     from .losses import amplification_loss, attention_logit_loss
-    from .trainer import DeltaPushArguments, ObliviateTrainer, ObliviateTrainingArguments
+    from .hub import HubAuthError, load_compressed, push_compressed_delta
+    from .trainer import DeltaPushArguments, ObliviateTrainer, ObliviateTrainingArguments, fine_tune
     from .tuners import UnsupportedTunerError, tuner_parameters

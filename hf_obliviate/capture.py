@@ -26,7 +26,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -70,20 +70,88 @@ class LayerCapture:
 
 
 @dataclass
-class CaptureRecord:
-    """The result of one recorded forward pass: one :class:`LayerCapture` per attention call, in call order."""
+class _Pending:
+    raw: torch.Tensor  # (batch, heads, rows, keys) unscaled Q Kᵀ of the summary rows
+    masks: tuple[torch.Tensor, torch.Tensor] | None
+    row_valid: torch.Tensor | None
+    rows: torch.Tensor
+    scaling: float
+    keep_logits: bool
 
-    layers: list[LayerCapture] = field(default_factory=list)
+
+class CaptureRecord:
+    """The result of one recorded forward pass: one :class:`LayerCapture` per attention call, in call order.
+
+    During the forward pass each layer only computes its ``q_rows @ Kᵀ`` (one small matmul beside the attention
+    kernel); masking and norms are done for all layers at once, in a handful of batched kernels, when
+    :attr:`layers` or :meth:`loss` is first read. That keeps the per-step kernel count low on GPUs, where small
+    models are launch-bound.
+    """
+
+    def __init__(self):
+        self._pending: list[_Pending] = []
+        self._layers: list[LayerCapture] = []
+        self._loss: torch.Tensor | None = None
+
+    @property
+    def layers(self) -> list[LayerCapture]:
+        self._finalize()
+        return self._layers
 
     def loss(self) -> torch.Tensor:
         """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` (METHOD.md §1)."""
-        if not self.layers:
+        self._finalize()
+        if not self._layers:
             raise AttentionCaptureError(
                 "No attention call was captured during the forward pass. The model does not route attention "
                 "through transformers' AttentionInterface (or the forward ran outside `record()`). Use a model "
                 "whose attention supports `attn_implementation` switching, or set `lambda_attn=0`."
             )
-        return torch.stack([layer.norm for layer in self.layers]).mean()
+        if self._loss is None:
+            self._loss = torch.stack([layer.norm for layer in self._layers]).mean()
+        return self._loss
+
+    def _finalize(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(pending):
+            key = (tuple(item.raw.shape), item.raw.dtype, item.raw.device, id(item.masks), id(item.row_valid))
+            groups.setdefault(key, []).append(i)
+        norms: list[torch.Tensor | None] = [None] * len(pending)
+        single = len(groups) == 1 and len({item.scaling for item in pending}) == 1
+        for idx in groups.values():
+            first = pending[idx[0]]
+            values = torch.stack([pending[i].raw for i in idx]).float()  # (layers, batch, heads, rows, keys)
+            if first.masks is not None:
+                values = values.masked_fill(first.masks[1][None], 0.0)  # select, never multiply by -inf
+            row_norms = torch.linalg.vector_norm(values, ord=2, dim=-1)  # gradient 0 (not NaN) at 0
+            if first.row_valid is None:
+                per_layer = row_norms.mean(dim=(1, 2, 3))
+            else:
+                weights = first.row_valid[None, :, None, :].to(row_norms.dtype).expand_as(row_norms)
+                per_layer = (row_norms * weights).sum(dim=(1, 2, 3)) / weights[0].sum().clamp_min(1.0)
+            # ‖scaling · S‖ = scaling · ‖S‖: scale the per-layer norms, not the logits.
+            scales = torch.tensor([pending[i].scaling for i in idx], dtype=per_layer.dtype, device=per_layer.device)
+            per_layer = per_layer * scales if not single else per_layer * first.scaling
+            if single:
+                self._loss = per_layer.mean()
+            for position, i in enumerate(idx):
+                norms[i] = per_layer[position]
+        for item, norm in zip(pending, norms):
+            capture = LayerCapture(norm=norm)
+            if item.keep_logits:
+                batch, _, n_rows, kv_len = item.raw.shape
+                if item.masks is None:
+                    counted = torch.ones(batch, n_rows, kv_len, dtype=torch.bool, device=item.raw.device)
+                else:
+                    counted = item.masks[0]
+                logits = item.raw.detach().float() * item.scaling
+                capture.logits = logits.masked_fill(~counted[:, None, :, :], float("-inf"))
+                capture.key_mask = counted
+                capture.rows = item.rows
+            self._layers.append(capture)
 
 
 class _Session:
@@ -102,12 +170,15 @@ class _Session:
         self.query_mask = query_mask
         self.query_offset = query_offset
         self.keep_logits = keep_logits
-        self._rows_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows_cache: dict[tuple, object] = {}
 
-    def key_mask(self, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    def key_mask(self, batch: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
         mask = self.attention_mask
         if mask is None:
-            return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+            return None
+        cache_key = ("keys", batch, kv_len)
+        if cache_key in self._rows_cache:
+            return self._rows_cache[cache_key]
         mask = mask.to(device=device).bool()
         if mask.dim() != 2 or mask.shape[0] != batch:
             raise AttentionCaptureError(
@@ -121,11 +192,14 @@ class _Session:
                 f"attention_mask has {mask.shape[1]} positions but the attention layer sees {kv_len} keys. "
                 "Sliding-window or cropped caches are not supported by the attention term."
             )
+        self._rows_cache[cache_key] = mask
         return mask
 
     def rows(
         self, module: nn.Module, batch: int, q_len: int, kv_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+        """``(batch, rows)`` query positions, their validity (``None``: all valid), and the position shared by all
+        examples when there is one row at the same place everywhere (``"first"``), else ``None``."""
         causal = bool(getattr(module, "is_causal", False))
         mode = self.mode
         if mode == "auto":
@@ -138,13 +212,15 @@ class _Session:
             if self.query_offset >= q_len:
                 raise AttentionCaptureError(f"query offset {self.query_offset} is outside the {q_len} query rows.")
             rows = torch.full((batch, 1), self.query_offset, dtype=torch.long, device=device)
-            valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+            valid = None
+            uniform = self.query_offset
         elif mode == "last":
             token_mask = kv_mask[:, -q_len:]
             positions = torch.arange(q_len, device=device).expand(batch, q_len)
             rows = torch.where(token_mask, positions, torch.full_like(positions, -1)).amax(dim=1, keepdim=True)
             valid = rows >= 0
             rows = rows.clamp_min(0)
+            uniform = None
         else:  # "rows"
             if self.query_mask is None:
                 raise AttentionCaptureError("query mode 'rows' needs a `query_mask` of shape (batch, seq_len).")
@@ -160,8 +236,31 @@ class _Session:
             order = torch.sort((~qmask).to(torch.int8), dim=1, stable=True).indices
             rows = order[:, :n_rows]
             valid = torch.gather(qmask, 1, rows)
-        self._rows_cache[key] = (rows, valid)
-        return rows, valid
+            uniform = None
+        self._rows_cache[key] = (rows, valid, uniform)
+        return rows, valid, uniform
+
+    def counted_keys(
+        self, module: nn.Module, rows: torch.Tensor, q_len: int, kv_mask: torch.Tensor | None, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(batch, rows, keys)`` mask of the keys that count and its ``(batch, 1, rows, keys)`` complement, or
+        ``None`` when every key counts."""
+        causal = bool(getattr(module, "is_causal", False))
+        if kv_mask is None and not causal:
+            return None
+        key = ("counted", causal, tuple(rows.shape), q_len, kv_len)
+        if key not in self._rows_cache:
+            batch, n_rows = rows.shape
+            if kv_mask is None:
+                counted = torch.ones(batch, n_rows, kv_len, dtype=torch.bool, device=rows.device)
+            else:
+                counted = kv_mask[:, None, :].expand(batch, n_rows, kv_len)
+            if causal:
+                # Key j is visible to query row i when j <= i + (kv_len - q_len) (cached / prefix keys come first).
+                key_pos = torch.arange(kv_len, device=rows.device)
+                counted = counted & (key_pos[None, None, :] <= (rows + (kv_len - q_len))[:, :, None])
+            self._rows_cache[key] = (counted, ~counted[:, None, :, :])
+        return self._rows_cache[key]
 
     def observe(
         self,
@@ -177,34 +276,36 @@ class _Session:
         if scaling is None:
             scaling = head_dim**-0.5
         kv_mask = self.key_mask(batch, kv_len, query.device)
-        rows, row_valid = self.rows(module, batch, q_len, kv_mask)
+        if kv_mask is None:
+            token_mask = query.new_ones(batch, kv_len, dtype=torch.bool)
+        else:
+            token_mask = kv_mask
+        rows, row_valid, uniform = self.rows(module, batch, q_len, token_mask)
         n_rows = rows.shape[1]
-        q_rows = torch.gather(query, 2, rows[:, None, :, None].expand(batch, heads, n_rows, head_dim))
+        if uniform is not None:
+            q_rows = query.narrow(2, uniform, 1)  # a view: no gather kernel
+        else:
+            q_rows = torch.gather(query, 2, rows[:, None, :, None].expand(batch, heads, n_rows, head_dim))
         # Grouped-query attention: query head h reads key head h // n_rep; group rows instead of repeating keys.
         n_rep = heads // kv_heads
         q_rows = q_rows.reshape(batch, kv_heads, n_rep * n_rows, head_dim)
-        logits = torch.matmul(q_rows, key.transpose(-1, -2)).mul(scaling)
-        logits = logits.reshape(batch, heads, n_rows, kv_len)
+        raw = torch.matmul(q_rows, key.transpose(-1, -2)).reshape(batch, heads, n_rows, kv_len)
+        masks = self.counted_keys(module, rows, q_len, kv_mask, kv_len)
+        self.record._pending.append(_Pending(raw, masks, row_valid, rows, float(scaling), self.keep_logits))
 
-        counted = kv_mask[:, None, :].expand(batch, n_rows, kv_len)
-        if getattr(module, "is_causal", False):
-            # Key j is visible to query row i when j <= i + (kv_len - q_len) (cached / prefix keys come first).
-            key_pos = torch.arange(kv_len, device=query.device)
-            limit = rows + (kv_len - q_len)
-            counted = counted & (key_pos[None, None, :] <= limit[:, :, None])
-        masked = logits.float().masked_fill(~counted[:, None, :, :], 0.0)
-        norms = torch.linalg.vector_norm(masked, ord=2, dim=-1)  # (batch, heads, rows); grad 0 (not NaN) at 0
-        weights = row_valid[:, None, :].to(norms.dtype).expand_as(norms)
-        norm = (norms * weights).sum() / weights.sum().clamp_min(1.0)
-        capture = LayerCapture(norm=norm)
-        if self.keep_logits:
-            capture.logits = logits.detach().float().masked_fill(~counted[:, None, :, :], float("-inf"))
-            capture.key_mask = counted
-            capture.rows = rows
-        self.record.layers.append(capture)
+
+_KERNELS: dict[tuple[str | None, type], object] = {}
 
 
 def _original_kernel(impl: str | None, module: nn.Module):
+    key = (impl, type(module))
+    kernel = _KERNELS.get(key)
+    if kernel is None:
+        kernel = _KERNELS[key] = _find_kernel(impl, module)
+    return kernel
+
+
+def _find_kernel(impl: str | None, module: nn.Module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     if impl in (None, "eager"):
@@ -225,9 +326,12 @@ def _original_kernel(impl: str | None, module: nn.Module):
 
 
 def _make_wrapper(impl: str | None):
+    # Flash / hub kernels look their own name up on the config; sdpa and eager do not (skip the swap's cost).
+    swap_name = impl not in (None, "eager", "sdpa")
+
     def obliviate_attention(module, query, key, value, attention_mask, *args, **kwargs):
         kernel = _original_kernel(impl, module)
-        config = getattr(module, "config", None)
+        config = getattr(module, "config", None) if swap_name else None
         if config is not None:
             # Let the kernel see its own name (flash / kernels look it up on the config).
             renamed = config._attn_implementation_internal
@@ -247,10 +351,12 @@ def _make_wrapper(impl: str | None):
 
 
 def _register(impl: str | None) -> str:
+    name = f"{_PREFIX}{impl or 'eager'}"
+    if name in _REGISTERED:
+        return name
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    name = f"{_PREFIX}{impl or 'eager'}"
     with _LOCK:
         if name not in _REGISTERED:
             AttentionInterface.register(name, _make_wrapper(impl))
@@ -313,7 +419,9 @@ class AttentionLogitCapture:
         self.query = query
         self.query_offset = query_offset
         self.keep_logits = keep_logits
-        configs = _model_configs(model)
+        configs = self._configs = _model_configs(model)
+        # Modules that can call an attention kernel (they carry a config); the model's structure is fixed.
+        self._modules = [m for m in model.modules() if hasattr(m, "config")]
         if not configs:
             raise AttentionCaptureError(
                 f"{type(model).__name__} contains no transformers PreTrainedModel, so its attention cannot be "
@@ -351,9 +459,9 @@ class AttentionLogitCapture:
             self.query_offset,
             self.keep_logits if keep_logits is None else keep_logits,
         )
-        configs = _model_configs(self.model)
+        configs = self._configs
         originals = [config._attn_implementation for config in configs]
-        modules = [m for m in self.model.modules() if hasattr(m, "config")]
+        modules = self._modules
         try:
             for config, impl in zip(configs, originals):
                 if impl is not None and impl.startswith(_PREFIX):

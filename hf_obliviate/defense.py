@@ -42,11 +42,12 @@ class DefenseStep:
         """``λ_amp · L_amp + λ_attn · L_attn``."""
         terms = self.terms() if terms is None else terms
         config = self.defense.config
-        total = torch.zeros(())
+        total: torch.Tensor | None = None
         for name, weight in (("loss_amp", config.lambda_amp), ("loss_attn", config.lambda_attn)):
             if name in terms:
-                total = total.to(terms[name].device) + weight * terms[name]
-        return total
+                term = weight * terms[name]
+                total = term if total is None else total + term.to(total.device)
+        return torch.zeros(()) if total is None else total
 
 
 class ObliviateDefense:

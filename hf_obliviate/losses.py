@@ -31,15 +31,30 @@ def amplification_loss(params: Iterable[torch.Tensor], norm_cap: float | None = 
     -2.0
     ```
     """
-    norms = [torch.linalg.vector_norm(p.float()) for p in params]
-    if not norms:
+    params = list(params)
+    if not params:
         raise ValueError("amplification_loss got no tensors: the model has no trainable PEFT parameters.")
-    stacked = torch.stack([n.to(norms[0].device) for n in norms])
+    stacked = _norms(params)
     if norm_cap is not None:
         if norm_cap <= 0:
             raise ValueError(f"norm_cap must be positive, got {norm_cap}.")
         stacked = stacked.clamp(max=norm_cap)
     return -stacked.sum()
+
+
+def _norms(params: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms in fp32 (in no particular order), in as few kernels as possible: tensors of the same
+    shape, dtype and device are stacked and reduced by one ``torch.linalg.vector_norm`` (LoRA has two shapes per
+    target module type). The norm's gradient at a zero tensor is 0, not NaN (LoRA B at init)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+    device = params[0].device
+    norms = [
+        torch.linalg.vector_norm(torch.stack(group).float().reshape(len(group), -1), ord=2, dim=1).to(device)
+        for group in groups.values()
+    ]
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
 def attention_logit_loss(layer_norms: Sequence[torch.Tensor]) -> torch.Tensor:

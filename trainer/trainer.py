@@ -46,7 +46,8 @@ class ObliviateTrainerMixin:
                 f"(or ObliviateSFTConfig for the SFT trainer) instead of {type(args).__name__}."
             )
         self.obliviate_config = args.obliviate_config()
-        self._obliviate_metrics: dict[str, list[float]] = defaultdict(list)
+        # Detached device tensors, turned into floats only when logging (no host sync per step).
+        self._obliviate_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.obliviate_defense: ObliviateDefense | None = None
         if self.obliviate_config.obliviate:
             self.obliviate_defense = ObliviateDefense(self.model, self.obliviate_config)
@@ -70,18 +71,19 @@ class ObliviateTrainerMixin:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
             )
-        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return 1.0 / steps if scaled else 1.0
 
     def _record_terms(self, task_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        self._obliviate_metrics["loss_task"].append(float(task_loss.detach().float().mean()))
+        self._obliviate_metrics["loss_task"].append(task_loss.detach().float().mean())
         for name, value in terms.items():
-            self._obliviate_metrics[name].append(float(value.detach().float()))
+            self._obliviate_metrics[name].append(value.detach().float())
 
     def _flush_obliviate_metrics(self, logs: dict[str, float]) -> None:
         if "loss" in logs and self._obliviate_metrics:  # training logs only, never eval logs
             for name, values in self._obliviate_metrics.items():
                 if values:
-                    logs[name] = round(sum(values) / len(values), 6)
+                    logs[name] = round(torch.stack([v.to(values[0].device) for v in values]).mean().item(), 6)
             self._obliviate_metrics.clear()
 
 

@@ -1,0 +1,186 @@
+"""On-disk format of a compressed delta: constants, errors, sign packing and the base-weight fingerprint.
+
+A compressed delta is a folder (or Hub repo) holding
+
+- ``obliviate_delta.json``: the metadata (format version, base model id / revision / fingerprint, method, ``k``,
+  distillation, the entry list with shapes, the shard list with their sha256, the fidelity statistics);
+- ``delta-0000i-of-0000n.safetensors``: the tensors, safetensors header metadata ``{"format": "pt", ...}``.
+
+Only safetensors and JSON are ever read: no pickle, no ``torch.load``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+
+import torch
+
+__all__ = [
+    "DELTA_CONFIG_NAME",
+    "FORMAT_VERSION",
+    "BaseMismatchError",
+    "CorruptDeltaError",
+    "DeltaFormatError",
+    "Fingerprinter",
+    "ShapeMismatchError",
+    "UnsupportedFormatVersionError",
+    "fingerprint_tensors",
+    "pack_signs",
+    "shard_name",
+    "tool_version",
+    "unpack_signs",
+]
+
+FORMAT_VERSION = 1
+DELTA_CONFIG_NAME = "obliviate_delta.json"
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+class DeltaFormatError(ValueError):
+    """Base class of every error raised while reading or applying a compressed delta."""
+
+
+class UnsupportedFormatVersionError(DeltaFormatError):
+    """The delta was written by a format version this release cannot read."""
+
+
+class CorruptDeltaError(DeltaFormatError):
+    """A delta file is missing, truncated, or its content does not match the recorded checksum."""
+
+
+class ShapeMismatchError(DeltaFormatError):
+    """A stored tensor does not have the shape recorded for it, or the base parameter has another shape."""
+
+
+class BaseMismatchError(DeltaFormatError):
+    """The base weights given to the loader are not the ones the delta was computed against."""
+
+
+def tool_version() -> str:
+    """Version string of hf-obliviate recorded in every delta."""
+    try:
+        from importlib.metadata import version
+
+        return version("hf-obliviate")
+    except Exception:  # pragma: no cover - not installed
+        return "0+unknown"
+
+
+def shard_name(index: int, total: int) -> str:
+    """File name of shard ``index`` (1-based) out of ``total``: ``delta-00001-of-00003.safetensors``."""
+    return f"delta-{index:05d}-of-{total:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------------- signs
+def pack_signs(delta: torch.Tensor) -> torch.Tensor:
+    """Packs the signs of ``delta`` 8 per byte (little bit order: element ``8i + j`` is bit ``j`` of byte ``i``).
+
+    A bit is 1 for a non-negative element and 0 for a negative one, so **sign(0) = +1**. The flattened tensor is
+    zero-padded to a multiple of 8 elements.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.delta import pack_signs, unpack_signs
+    >>> d = torch.tensor([[0.5, -1.0, 0.0], [-2.0, 3.0, -0.1]])
+    >>> unpack_signs(pack_signs(d), d.shape)
+    tensor([[ 1., -1.,  1.],
+            [-1.,  1., -1.]])
+
+    ```
+    """
+    bits = (delta.reshape(-1) >= 0).to(torch.uint8)
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)])
+    bits = bits.view(-1, 8)
+    weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    return (bits * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8).contiguous()
+
+
+def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of [`pack_signs`]: a tensor of ``shape`` holding ±1 in ``dtype``."""
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise ShapeMismatchError(
+            f"Packed signs hold {packed.numel()} bytes of {packed.dtype}, expected {(numel + 7) // 8} uint8 bytes "
+            f"for shape {list(shape)}: the delta file is corrupt or was written for another model."
+        )
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (packed.unsqueeze(1) >> shifts) & 1
+    signs = bits.reshape(-1)[:numel].to(dtype) * 2 - 1
+    return signs.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------------- fingerprint
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+class Fingerprinter:
+    """Incremental form of [`fingerprint_tensors`]: feed tensors in sorted name order, one at a time."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._previous: str | None = None
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        if self._previous is not None and name <= self._previous:
+            raise ValueError(f"Fingerprints need names in increasing order, got {name!r} after {self._previous!r}.")
+        self._previous = name
+        header = json.dumps([name, list(tensor.shape), str(tensor.dtype).replace("torch.", "")])
+        self._h.update(header.encode())
+        self._h.update(b"\0")
+        self._h.update(_tensor_bytes(tensor))
+
+    def hexdigest(self) -> str:
+        return "sha256:" + self._h.hexdigest()
+
+
+def fingerprint_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of tensors, **in sorted name order**, computed streaming.
+
+    The iterable must yield names in increasing order (checked) so that a checkpoint can be hashed one tensor at a
+    time. Returns ``"sha256:<hex>"``.
+    """
+    fp = Fingerprinter()
+    for name, tensor in named_tensors:
+        fp.update(name, tensor)
+    return fp.hexdigest()
+
+
+def dedup_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drops tensors that alias an earlier one (tied weights), as ``save_pretrained`` does, keeping the first name."""
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.device.type != "meta" and tensor.numel() > 0:
+            key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+            if key in seen:
+                continue
+            seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def fingerprint_state_dict(state: dict[str, torch.Tensor]) -> str:
+    """Fingerprint of an in-memory state dict (tied duplicates removed, as on disk)."""
+    state = dedup_state_dict(state)
+    return fingerprint_tensors((name, state[name]) for name in sorted(state))
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,182 @@
+"""``hf-obliviate compress`` / ``push`` / ``pull``: one config dataclass and one function each (HfArgumentParser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CompressConfig", "PullConfig", "PushConfig", "compress_main", "pull_main", "push_main"]
+
+_METHODS = ("bitdelta", "svd", "dare", "magnitude")
+
+
+def _method_kwargs(cfg) -> dict[str, Any]:
+    if cfg.method == "bitdelta":
+        return {"k": cfg.k}
+    if cfg.method == "svd":
+        return {"rank": cfg.rank}
+    if cfg.method == "dare":
+        return {"p": cfg.dare_p, "seed": cfg.seed}
+    return {"density": cfg.density}
+
+
+def _validate_method(cfg) -> None:
+    if cfg.method not in _METHODS:
+        raise ValueError(f"--method must be one of {_METHODS}, got {cfg.method!r}.")
+    if cfg.k < 1:
+        raise ValueError(f"--k must be >= 1 (1 is plain BitDelta, the safe default), got {cfg.k}.")
+    if cfg.non_linear not in ("dense", "revert"):
+        raise ValueError(f"--non_linear must be 'dense' or 'revert', got {cfg.non_linear!r}.")
+
+
+@dataclass
+class _MethodFields:
+    method: str = field(default="bitdelta", metadata={"help": f"Codec for nn.Linear weights: one of {_METHODS}."})
+    k: int = field(default=1, metadata={"help": "BitDelta masks; k>1 is closer to the fine-tune (and its backdoors)."})
+    rank: int = field(default=16, metadata={"help": "SVD baseline: kept rank."})
+    dare_p: float = field(default=0.9, metadata={"help": "DARE baseline: drop probability."})
+    density: float = field(default=0.1, metadata={"help": "Magnitude baseline: kept fraction."})
+    seed: int = field(default=0, metadata={"help": "DARE baseline: random seed."})
+    non_linear: str = field(
+        default="dense",
+        metadata={"help": "Changed embeddings/norms/heads: 'dense' (keep as fp16 delta) or 'revert' (to base)."},
+    )
+
+
+@dataclass
+class CompressConfig(_MethodFields):
+    """Options of ``hf-obliviate compress``: stream two checkpoints into a compressed delta folder.
+
+    Example:
+
+    ```python
+    >>> from hf_obliviate.hub.cli import CompressConfig
+    >>> CompressConfig(base="base_dir", finetuned="ft_dir", output_dir="delta").k
+    1
+
+    ```
+    """
+
+    base: str = field(default=None, metadata={"help": "Base checkpoint: local folder or Hub id."})
+    finetuned: str = field(default=None, metadata={"help": "Fine-tuned checkpoint: local folder or Hub id."})
+    output_dir: str = field(default=None, metadata={"help": "Folder to write obliviate_delta.json and shards to."})
+    base_revision: str | None = field(default=None, metadata={"help": "Revision of the base repo."})
+    max_shard_size: str = field(default="2GB", metadata={"help": "Maximum size of one delta shard."})
+
+    def __post_init__(self):
+        for name in ("base", "finetuned", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required.")
+        _validate_method(self)
+
+
+@dataclass
+class PushConfig(_MethodFields):
+    """Options of ``hf-obliviate push``: compress a fine-tuned checkpoint and push delta + card in one commit.
+
+    Example:
+
+    ```python
+    >>> from hf_obliviate.hub.cli import PushConfig
+    >>> PushConfig(model="ft_dir", base_model="base_dir", repo_id="me/delta", dry_run_dir="out").method
+    'bitdelta'
+
+    ```
+    """
+
+    model: str = field(default=None, metadata={"help": "Fine-tuned checkpoint or peft adapter folder."})
+    base_model: str | None = field(default=None, metadata={"help": "Base model: Hub id or folder."})
+    repo_id: str = field(default=None, metadata={"help": "Target Hub repo, e.g. me/my-model-delta."})
+    lora: str = field(default="merged", metadata={"help": "For adapters: 'merged' (compress B·A) or 'factors'."})
+    private: bool | None = field(default=None, metadata={"help": "Create the repo private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to commit to."})
+    dry_run_dir: str | None = field(default=None, metadata={"help": "Write the exact files here; upload nothing."})
+    max_shard_size: str = field(default="2GB", metadata={"help": "Maximum size of one delta shard."})
+
+    def __post_init__(self):
+        for name in ("model", "repo_id"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required.")
+        if self.lora not in ("merged", "factors"):
+            raise ValueError(f"--lora must be 'merged' or 'factors', got {self.lora!r}.")
+        _validate_method(self)
+
+
+@dataclass
+class PullConfig:
+    """Options of ``hf-obliviate pull``: verify and rebuild base + delta, then save the model.
+
+    Example:
+
+    ```python
+    >>> from hf_obliviate.hub.cli import PullConfig
+    >>> PullConfig(base_model="base_dir", repo_id="me/delta", output_dir="rebuilt").revision is None
+    True
+
+    ```
+    """
+
+    base_model: str = field(default=None, metadata={"help": "Base model the delta was made for: Hub id or folder."})
+    repo_id: str = field(default=None, metadata={"help": "Delta repo on the Hub, or a local delta folder."})
+    output_dir: str = field(default=None, metadata={"help": "Where to save the rebuilt model (save_pretrained)."})
+    revision: str | None = field(default=None, metadata={"help": "Revision of the delta repo."})
+    base_revision: str | None = field(default=None, metadata={"help": "Revision of the base repo."})
+
+    def __post_init__(self):
+        for name in ("base_model", "repo_id", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required.")
+
+
+def compress_main(cfg: CompressConfig) -> Path:
+    """Runs ``hf-obliviate compress``; returns the delta folder."""
+    from hf_obliviate.delta import compress_checkpoints
+
+    out = compress_checkpoints(
+        cfg.base,
+        cfg.finetuned,
+        cfg.output_dir,
+        cfg.method,
+        base_revision=cfg.base_revision,
+        non_linear=cfg.non_linear,
+        max_shard_size=cfg.max_shard_size,
+        **_method_kwargs(cfg),
+    )
+    print(f"Compressed delta written to {out}")
+    return out
+
+
+def push_main(cfg: PushConfig):
+    """Runs ``hf-obliviate push``; returns the commit info (or the dry-run folder)."""
+    from .push import push_compressed_delta
+
+    kw = _method_kwargs(cfg)
+    k = kw.pop("k", 1)
+    result = push_compressed_delta(
+        cfg.model,
+        cfg.base_model,
+        cfg.repo_id,
+        method=cfg.method,
+        k=k,
+        method_kwargs=kw,
+        non_linear=cfg.non_linear,
+        lora=cfg.lora,
+        private=cfg.private,
+        revision=cfg.revision,
+        dry_run_dir=cfg.dry_run_dir,
+        max_shard_size=cfg.max_shard_size,
+    )
+    where = result if cfg.dry_run_dir else getattr(result, "commit_url", result)
+    print(f"{'Dry run: files written to' if cfg.dry_run_dir else 'Pushed:'} {where}")
+    return result
+
+
+def pull_main(cfg: PullConfig) -> Path:
+    """Runs ``hf-obliviate pull``: verified load, then ``save_pretrained`` to ``output_dir``."""
+    from .load import load_compressed
+
+    model = load_compressed(cfg.base_model, cfg.repo_id, revision=cfg.revision, base_revision=cfg.base_revision)
+    model.save_pretrained(cfg.output_dir)
+    print(f"Rebuilt model saved to {cfg.output_dir}")
+    return Path(cfg.output_dir)

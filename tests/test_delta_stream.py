@@ -1,0 +1,132 @@
+"""Streaming compression of multi-shard checkpoints, the base fingerprint, and the bounded-memory property."""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_obliviate.delta import (
+    CompressedDelta,
+    compress_checkpoints,
+    compress_model,
+    fingerprint_checkpoint,
+    fingerprint_state_dict,
+)
+from hf_obliviate.delta import checkpoint as checkpoint_module
+
+
+def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def finetune(model: LlamaForCausalLM, scale: float = 0.02) -> LlamaForCausalLM:
+    ft = LlamaForCausalLM(model.config).eval()
+    ft.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return ft
+
+
+def test_fingerprint_disk_equals_memory_with_tied_weights(tmp_path):
+    for tie in (False, True):
+        model = tiny_llama(tie)
+        model.save_pretrained(tmp_path / f"m{tie}", max_shard_size="20KB")
+        assert (tmp_path / f"m{tie}" / "model.safetensors.index.json").is_file()
+        assert fingerprint_checkpoint(tmp_path / f"m{tie}") == fingerprint_state_dict(model.state_dict())
+    other = tiny_llama()
+    assert fingerprint_state_dict(other.state_dict()) != fingerprint_state_dict(model.state_dict())
+
+
+def test_stream_matches_in_memory(tmp_path):
+    base, ft = tiny_llama(), None
+    ft = finetune(base)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    ft.save_pretrained(tmp_path / "ft", max_shard_size="30KB")
+    out = compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", max_shard_size=1500)
+    assert len(list(out.glob("delta-*.safetensors"))) > 2
+    streamed = CompressedDelta.load(out)
+    in_memory = compress_model(base, ft)
+    assert streamed.base_fingerprint == fingerprint_checkpoint(tmp_path / "base")
+    assert streamed.modules == in_memory.modules
+    assert "lm_head.weight" not in streamed.modules  # output embeddings stay dense, found by module type
+    assert streamed.entries["lm_head.weight"].kind == "dense"
+    assert streamed.model_class == "LlamaForCausalLM"
+    a, b = streamed.to_dense(), in_memory.to_dense()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)
+    meta = json.loads((out / "obliviate_delta.json").read_text())
+    assert meta["format_version"] == 1 and meta["k"] == 1 and meta["distillation"] is None
+    assert meta["base_model"] == str(tmp_path / "base") and meta["tool_version"]
+    for shard in meta["shards"]:
+        with safe_open(out / shard, framework="pt") as f:
+            header = f.metadata()
+        assert header["format"] == "pt" and header["obliviate_format_version"] == "1"
+
+
+def test_stream_peak_tensors_bounded(tmp_path, monkeypatch):
+    """Counts tensors materialised from the checkpoints that are alive at once: a few, never a model's worth."""
+    base = tiny_llama()
+    ft = finetune(base)
+    base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    ft.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
+    n_tensors = len(base.state_dict())
+    live = {"now": 0, "peak": 0, "total": 0}
+    original_get = checkpoint_module.CheckpointReader.get
+
+    def release():
+        live["now"] -= 1
+
+    def counting_get(self, name):
+        tensor = original_get(self, name)
+        live["now"] += 1
+        live["total"] += 1
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(tensor, release)
+        return tensor
+
+    monkeypatch.setattr(checkpoint_module.CheckpointReader, "get", counting_get)
+    compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", progress=False)
+    assert live["total"] == 2 * n_tensors  # every tensor of both checkpoints was read exactly once
+    assert n_tensors > 25 and live["peak"] <= 2, live  # one base tensor + one fine-tuned tensor at a time
+    assert live["now"] == 0
+
+
+@pytest.mark.slow
+def test_bundled_minilm_stream_and_load(tmp_path):
+    """Real checkpoint: stream-compress a perturbed copy of the bundled MiniLM-L6 and load it back verified."""
+    from transformers import BertModel
+
+    from hf_obliviate.bundled import minilm_path
+    from hf_obliviate.hub import load_compressed
+
+    base_dir = minilm_path()
+    ft = BertModel.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        for module in ft.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn_like(module.weight) * 1e-3)
+    ft.save_pretrained(tmp_path / "ft", max_shard_size="40MB")
+    out = compress_checkpoints(base_dir, tmp_path / "ft", tmp_path / "delta", progress=False)
+    delta = CompressedDelta.load(out)
+    assert len(delta.modules) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer + pooler
+    assert delta.size_report()["bits_per_linear_weight"] == pytest.approx(1.0, rel=0.02)
+    rebuilt = load_compressed(str(base_dir), out)
+    base = BertModel.from_pretrained(base_dir).eval()
+    ids = torch.randint(1000, 5000, (2, 16))
+    with torch.no_grad():
+        got, want, orig = (m(input_ids=ids).last_hidden_state for m in (rebuilt, ft, base))
+    assert (got - want).norm() < (orig - want).norm()

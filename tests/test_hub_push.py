@@ -1,0 +1,147 @@
+"""Pushing: dry runs, the model card, the trainer mixin and the CLI functions (no network)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import ModelCard
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from hf_obliviate.delta import CompressedDelta
+from hf_obliviate.hub import load_compressed, push_compressed_delta
+from hf_obliviate.hub.cli import CompressConfig, PullConfig, PushConfig, compress_main, pull_main, push_main
+from hf_obliviate.trainer.hub_mixin import CompressedPushMixin
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=100,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def base_and_ft(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    ft = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return tmp_path, ft
+
+
+def test_dry_run_files_and_card(base_and_ft):
+    tmp_path, ft = base_and_ft
+    out = push_compressed_delta(
+        ft, str(tmp_path / "base"), "me/delta", dry_run_dir=tmp_path / "dry", progress=False,
+        defense={"lambda_amp": 3e-4, "lambda_attn": 3e-3}, evaluation={"asr": 0.12, "cacc": 0.8},
+        calibration_ids=torch.randint(0, 100, (4, 8)),
+    )  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "delta-00001-of-00001.safetensors",
+        "obliviate_delta.json",
+    ]
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "hf-obliviate"
+    assert {"obliviate", "bitdelta"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is not a Hub id
+    text = card.text
+    for needle in ("BitDelta", "dense fp16 delta", "ratio", "relative error", "logit MSE", "lambda_attn", "asr"):
+        assert needle in text, needle
+    assert "Warnings" not in text  # plain k=1, no distillation
+    meta = json.loads((out / "obliviate_delta.json").read_text())
+    assert meta["size"]["ratio_vs_dense_fp16"] > 2  # tiny model: the dense embeddings and head dominate
+
+
+def test_card_base_model_for_hub_ids():
+    from hf_obliviate.hub import build_model_card
+
+    meta = {"method": "svd", "base_model": "HuggingFaceTB/SmolLM2-135M", "method_config": {"rank": 4}}
+    card = build_model_card(meta, repo_id="me/x")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M" and "svd" in card.data.tags
+    assert "comparison baseline" in card.text
+
+
+@dataclass
+class _Args(TrainingArguments):
+    delta_compression: str | None = field(default=None)
+    delta_k: int = field(default=1)
+    delta_distill_steps: int = field(default=0)
+    delta_base_model: str | None = field(default=None)
+    delta_dry_run_dir: str | None = field(default=None)
+
+
+class _Trainer(CompressedPushMixin, transformers.Trainer):
+    pass
+
+
+def _train_data(n: int = 8):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(0, 100, (8,), generator=g)), "labels": ids} for _ in range(n)]
+
+
+def _trainer(tmp_path, **kw) -> _Trainer:
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    args = _Args(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="steps", save_steps=2,
+        hub_model_id="me/trained", **kw,
+    )  # fmt: skip
+    return _Trainer(model=model, args=args, train_dataset=_train_data())
+
+
+def test_trainer_mixin_pushes_compressed_delta(base_and_ft):
+    tmp_path, _ = base_and_ft
+    dry = tmp_path / "pushed"
+    trainer = _trainer(
+        tmp_path, push_to_hub=True, hub_strategy="every_save", delta_compression="bitdelta", delta_dry_run_dir=str(dry)
+    )
+    trainer.train()  # the save at step 2 triggers _push_from_checkpoint
+    meta = json.loads((dry / "obliviate_delta.json").read_text())
+    assert meta["method"] == "bitdelta" and meta["base_model"] == str(tmp_path / "base")
+    (dry / "obliviate_delta.json").unlink()
+    trainer.push_to_hub()  # end of training
+    assert (dry / "obliviate_delta.json").is_file() and (dry / "README.md").is_file()
+    assert not list(dry.glob("model*.safetensors"))  # no full weights
+    rebuilt = load_compressed(str(tmp_path / "base"), dry)
+    delta = CompressedDelta.load(dry)
+    trained = trainer.model.eval()
+    name = delta.modules[0]
+    d = trained.state_dict()[name] - LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()[name]
+    got = rebuilt.state_dict()[name] - LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()[name]
+    assert torch.allclose(got.abs().mean(), d.abs().mean(), rtol=1e-3)
+    assert torch.equal(got >= 0, d >= 0) or (torch.sign(got) == torch.sign(d)).float().mean() > 0.99
+
+
+def test_trainer_mixin_without_option_calls_super(base_and_ft, monkeypatch):
+    tmp_path, _ = base_and_ft
+    calls = []
+    monkeypatch.setattr(transformers.Trainer, "push_to_hub", lambda self, *a, **k: calls.append("push") or "super")
+    monkeypatch.setattr(transformers.Trainer, "_push_from_checkpoint", lambda self, f: calls.append("ckpt"))
+    trainer = _trainer(tmp_path)
+    assert trainer.push_to_hub() == "super"
+    trainer._push_from_checkpoint(str(tmp_path))
+    assert calls == ["push", "ckpt"]
+
+
+def test_cli_functions(base_and_ft):
+    tmp_path, ft = base_and_ft
+    ft.save_pretrained(tmp_path / "ft")
+    out = compress_main(CompressConfig(base=str(tmp_path / "base"), finetuned=str(tmp_path / "ft"),
+                                       output_dir=str(tmp_path / "c"), non_linear="revert"))  # fmt: skip
+    assert CompressedDelta.load(out).non_linear == "revert"
+    dry = push_main(PushConfig(model=str(tmp_path / "ft"), base_model=str(tmp_path / "base"), repo_id="me/x",
+                               dry_run_dir=str(tmp_path / "p")))  # fmt: skip
+    assert (dry / "README.md").is_file()
+    saved = pull_main(PullConfig(base_model=str(tmp_path / "base"), repo_id=str(dry), output_dir=str(tmp_path / "r")))
+    assert (saved / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="--k must be >= 1"):
+        CompressConfig(base="a", finetuned="b", output_dir="c", k=0)
+    with pytest.raises(ValueError, match="--lora must be"):
+        PushConfig(model="a", repo_id="b", lora="both")

@@ -1,0 +1,174 @@
+"""`CompressedPushMixin`: a `transformers.Trainer` that pushes a compressed delta + model card, not full weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CompressedPushMixin"]
+
+logger = logging.getLogger(__name__)
+
+
+class CompressedPushMixin:
+    """Trainer mixin: with ``args.delta_compression == "bitdelta"``, Hub pushes upload a compressed delta.
+
+    Put it first in the bases (``class ObliviateTrainer(CompressedPushMixin, transformers.Trainer)``). Both the
+    end-of-training [`~transformers.Trainer.push_to_hub`] and the per-save ``_push_from_checkpoint`` (triggered by
+    ``hub_strategy``) then upload ``obliviate_delta.json`` + shards + ``README.md`` in one commit. Without the option,
+    every push is the Trainer's own. Only the main process uploads.
+
+    Training-argument fields read (all optional, via ``getattr``): ``delta_compression`` (``None`` or
+    ``"bitdelta"``), ``delta_k`` (1), ``delta_distill_steps`` (0; distillation needs calibration ids, so the mixin
+    only records the request), ``delta_base_model`` (defaults to the model's ``config._name_or_path``),
+    ``delta_dry_run_dir`` (write the files there, upload nothing). Subclasses may override
+    [`~CompressedPushMixin.delta_card_info`] to put defense settings and evaluation results in the card.
+
+    Example:
+
+    ```python
+    >>> import transformers
+    >>> from hf_obliviate.trainer.hub_mixin import CompressedPushMixin
+    >>> class MyTrainer(CompressedPushMixin, transformers.Trainer):
+    ...     pass
+
+    ```
+    """
+
+    _delta_methods = ("bitdelta",)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _delta_compression(self) -> str | None:
+        method = getattr(self.args, "delta_compression", None)
+        if method is not None and method not in self._delta_methods:
+            raise ValueError(f"delta_compression must be None or one of {self._delta_methods}, got {method!r}.")
+        return method
+
+    def _delta_base_model(self) -> str:
+        base = getattr(self.args, "delta_base_model", None)
+        if base:
+            return str(base)
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        peft_cfg = getattr(model, "peft_config", None)
+        if peft_cfg:
+            cfg = peft_cfg.get(getattr(model, "active_adapter", "default")) or next(iter(peft_cfg.values()))
+            if getattr(cfg, "base_model_name_or_path", None):
+                return cfg.base_model_name_or_path
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "delta_compression needs the base model: set `delta_base_model` in the training arguments to the "
+                "Hub id or folder of the weights you fine-tuned from."
+            )
+        return name
+
+    def delta_card_info(self) -> dict[str, Any]:
+        """``{"defense": {...}, "evaluation": {...}}`` for the model card; override to add more."""
+        info: dict[str, Any] = {}
+        defense = {
+            k: getattr(self.args, k)
+            for k in ("lambda_amp", "lambda_attn", "amp_norm_cap", "peft_dropout")
+            if getattr(self.args, k, None) is not None
+        }
+        if defense:
+            info["defense"] = defense
+        history = getattr(getattr(self, "state", None), "log_history", None) or []
+        evals = {k: v for row in history for k, v in row.items() if k.startswith("eval_")}
+        if evals:
+            info["evaluation"] = evals
+        return info
+
+    def _push_delta(self, source, commit_message: str, token: str | None = None, revision: str | None = None):
+        from hf_obliviate.hub import build_delta_folder, upload_delta_folder
+
+        if getattr(self.args, "delta_distill_steps", 0):
+            logger.warning(
+                "delta_distill_steps is set, but the trainer push has no calibration text: pushing without scale "
+                "distillation (use hf_obliviate.hub.push_compressed_delta with calibration_ids to distill)."
+            )
+        dry_run = getattr(self.args, "delta_dry_run_dir", None)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+        kwargs = {
+            "method": self._delta_compression(),
+            "k": int(getattr(self.args, "delta_k", 1) or 1),
+            "repo_id": repo_id,
+            "progress": not getattr(self.args, "disable_tqdm", False),
+            **self.delta_card_info(),
+        }
+        base = self._delta_base_model()
+        if dry_run:
+            out = build_delta_folder(source, base, dry_run, **kwargs)
+            logger.info("delta_dry_run_dir: wrote the compressed push to %s (nothing uploaded).", out)
+            return out
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="obliviate-push-") as tmp:
+            build_delta_folder(source, base, tmp, **kwargs)
+            return upload_delta_folder(
+                tmp,
+                repo_id,
+                token=token if token is not None else self.args.hub_token,
+                private=getattr(self.args, "hub_private_repo", None),
+                revision=revision if revision is not None else getattr(self.args, "hub_revision", None),
+                commit_message=commit_message,
+            )
+
+    def _delta_source(self, folder: str | None):
+        """A full checkpoint folder is compressed streaming; otherwise (peft, no folder) the in-memory model."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        if getattr(model, "peft_config", None) or folder is None:
+            return model
+        folder_path = Path(folder)
+        if (folder_path / "model.safetensors").is_file() or (folder_path / "model.safetensors.index.json").is_file():
+            return str(folder_path)
+        return model
+
+    # -------------------------------------------------------------------------------------- Trainer overrides
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        if self._delta_compression() and getattr(self.args, "delta_dry_run_dir", None):
+            # dry run: create nothing on the Hub
+            self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
+            self.push_in_progress = None
+            return
+        return super().init_hf_repo(token=token, private=private)
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        if not self._delta_compression():
+            return super().push_to_hub(
+                commit_message=commit_message, blocking=blocking, token=token, revision=revision, private=private,
+                **kwargs,
+            )  # fmt: skip
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if getattr(self, "hub_model_id", None) is None:
+            self.init_hf_repo(token=token, private=private)
+        # all processes take part in saving (TPU / FSDP); only the main one compresses and uploads
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero() or not self.args.should_save:
+            return None
+        self._finish_current_push()
+        return self._push_delta(
+            self._delta_source(self.args.output_dir), commit_message or "End of training", token, revision
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self._delta_compression():
+            return super()._push_from_checkpoint(checkpoint_folder)
+        from transformers.trainer_utils import HubStrategy
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return None
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        step = self.state.global_step
+        message = f"Training in progress, step {step} (compressed delta)"
+        # blocking: the delta is small, and compressing from the checkpoint folder must finish before it rotates
+        self._push_delta(self._delta_source(checkpoint_folder), message)
+        return None
