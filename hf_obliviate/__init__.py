@@ -97,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .capture import AttentionCaptureError, AttentionLogitCapture
     from .config import ObliviateConfig
     from .data import load_movie_reviews
+    from .defense import ObliviateDefense
     from .delta import (
         BaseMismatchError,
         CompressedDelta,
@@ -110,8 +111,7 @@ if TYPE_CHECKING:  # pragma: no cover
         compress_model,
         distill_scales,
     )
-    from .defense import ObliviateDefense
-    from .losses import amplification_loss, attention_logit_loss
     from .hub import HubAuthError, load_compressed, push_compressed_delta
+    from .losses import amplification_loss, attention_logit_loss
     from .trainer import DeltaPushArguments, ObliviateTrainer, ObliviateTrainingArguments, fine_tune
     from .tuners import UnsupportedTunerError, tuner_parameters
