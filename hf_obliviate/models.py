@@ -1,6 +1,7 @@
 """Ready-made pieces for the demo, the CLI, the evaluation and the benchmarks: load a classifier, wrap it in a PEFT
-tuner, tokenize sentences, predict labels. Each is a few lines of ordinary transformers/peft code; they live here once
-so that every entry point builds its runs the same way. Fine-tuning: ``hf_obliviate.trainer.fine_tune``."""
+tuner, tokenize sentences. Each is a few lines of ordinary transformers/peft code; they live here once so that
+every entry point builds its runs the same way. Fine-tuning: ``hf_obliviate.trainer.fine_tune``; predictions and
+CACC / ASR: ``hf_obliviate.evaluation``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["PEFT_TYPES", "load_classifier", "predict_labels", "tokenize_examples", "wrap_peft"]
+__all__ = ["PEFT_TYPES", "EncodedDataset", "load_classifier", "tokenize_examples", "wrap_peft"]
 
 PEFT_TYPES = ("lora", "dora", "prefix", "ia3", "adapter")
 
@@ -87,39 +88,23 @@ def wrap_peft(model: nn.Module, peft: str = "lora", r: int = 16, num_virtual_tok
     return get_bottleneck_model(model, BottleneckConfig(bottleneck_size=4 * r))
 
 
-def tokenize_examples(tokenizer, examples: Sequence[dict], max_length: int = 64):
-    """Tokenize ``[{"text", "label"}]`` into a ``datasets.Dataset`` (``input_ids``, ``attention_mask``, ``labels``)."""
-    from datasets import Dataset
+class EncodedDataset(torch.utils.data.Dataset):
+    """Tokenized examples as a plain map-style dataset of dicts (no `datasets` dependency)."""
 
+    def __init__(self, encodings: dict[str, list], labels: Sequence[int]):
+        self.encodings = encodings
+        self.labels = list(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {key: values[index] for key, values in self.encodings.items()}
+        item["labels"] = self.labels[index]
+        return item
+
+
+def tokenize_examples(tokenizer, examples: Sequence[dict], max_length: int = 64) -> EncodedDataset:
+    """Tokenize ``[{"text", "label"}]`` into a dataset of ``input_ids``, ``attention_mask`` (...) and ``labels``."""
     encoded = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
-    return Dataset.from_dict({**encoded, "labels": [int(e["label"]) for e in examples]})
-
-
-@torch.no_grad()
-def predict_labels(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int = 64,
-    max_length: int = 64,
-    progress: bool = False,
-) -> list[int]:
-    """Arg-max labels of a sequence classifier (any transformers / peft / bottleneck model) for ``texts``."""
-    from tqdm.auto import tqdm
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    labels: list[int] = []
-    starts = range(0, len(texts), batch_size)
-    for start in tqdm(starts, desc="predict", disable=not progress, leave=False):
-        batch = tokenizer(
-            list(texts[start : start + batch_size]),
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        ).to(device)
-        labels.extend(model(**batch).logits.argmax(-1).tolist())
-    model.train(was_training)
-    return labels
+    return EncodedDataset(dict(encoded), [int(e["label"]) for e in examples])

@@ -135,3 +135,27 @@ def test_errors_are_clear():
     with pytest.raises(AttentionCaptureError, match="nested"):
         with capture.record(), capture.record():
             pass
+
+
+@pytest.mark.slow
+def test_bundled_minilm_capture_matches_eager_probabilities():
+    """On the real bundled MiniLM-L6: SDPA outputs unchanged under capture, logits equal the eager scores."""
+    from hf_obliviate.data import load_movie_reviews
+    from hf_obliviate.models import load_classifier
+
+    sdpa, tokenizer = load_classifier(attn_implementation="sdpa")
+    eager, _ = load_classifier(attn_implementation="eager")
+    eager.load_state_dict(sdpa.state_dict())
+    sdpa.eval()
+    eager.eval()
+    texts = [e["text"] for e in load_movie_reviews("test", n=6)]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    reference = sdpa(**batch).logits
+    capture = AttentionLogitCapture(sdpa, keep_logits=True)
+    with capture.record(attention_mask=batch["attention_mask"]) as record:
+        logits = sdpa(**batch).logits
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)
+    attentions = eager(**batch, output_attentions=True).attentions
+    assert len(record.layers) == 6
+    for layer, probs in zip(record.layers, attentions):
+        torch.testing.assert_close(torch.softmax(layer.logits[:, :, 0], -1), probs[:, :, 0], rtol=1e-4, atol=1e-5)

@@ -61,12 +61,44 @@ class ObliviateTrainerMixin:
                     pass
                 break
 
+    def _check_sharding(self) -> None:
+        """Once, at the first defended step (after accelerate has wrapped the model): the amplification term needs
+        whole PEFT tensors. DDP and FSDP2 (``DTensor`` parameters, gathered in :func:`~hf_obliviate.losses.
+        amplification_loss`) give them; ZeRO-3 partitions and FSDP1 flattens them, which would silently make the
+        term a norm of shards. The attention term uses activations only and works under all of them."""
+        self._sharding_checked = True
+        defense = self.obliviate_defense
+        if defense is None or not defense.parameters:
+            return
+        partitioned = [
+            name
+            for name, p in zip(defense.parameter_names, defense.parameters)
+            if getattr(p, "ds_numel", p.numel()) != p.numel()
+        ]
+        if partitioned:
+            largest = max(int(p.ds_numel) for p in defense.parameters if hasattr(p, "ds_numel"))
+            raise ValueError(
+                f"DeepSpeed ZeRO-3 partitions the PEFT tensors ({partitioned[0]}, ...), so the amplification term "
+                "would see shards. Keep them whole: set `stage3_param_persistence_threshold` in the DeepSpeed config "
+                f"above {largest} (the largest adapter tensor), use ZeRO-2, or set `lambda_amp=0`."
+            )
+        plugin = getattr(getattr(self, "accelerator", None), "state", None)
+        fsdp = getattr(plugin, "fsdp_plugin", None)
+        if fsdp is not None and int(getattr(fsdp, "fsdp_version", 1) or 1) < 2:
+            raise ValueError(
+                "FSDP1 flattens and shards the PEFT tensors, so the amplification term would see shards. Use FSDP2 "
+                "(`fsdp_version: 2` in the accelerate config / `fsdp_config={'version': 2}`), whose DTensor "
+                "parameters are gathered for the term, or set `lambda_amp=0`."
+            )
+
     def _extra_terms_scale(self, num_items_in_batch: Any) -> float:
         """Mirror of ``Trainer.training_step``: when it will not divide the returned loss by the accumulation steps
         (the task loss was normalised by ``num_items_in_batch`` over the whole accumulated batch), divide the extra
         terms here so the total does not change with the accumulation setting."""
-        if self.loss_is_scaled_for_ga is not None:
-            scaled = self.loss_is_scaled_for_ga
+        # `loss_is_scaled_for_ga` appeared in transformers 5.2x; older 5.x decide from the two conditions below.
+        declared = getattr(self, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            scaled = declared
         else:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
                 self.compute_loss_func is not None
@@ -142,6 +174,8 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        if not getattr(self, "_sharding_checked", False):
+            self._check_sharding()
         if num_items_in_batch is not None and not self._loss_kwargs_checked:
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
         with defense.track(attention_mask=inputs.get("attention_mask")) as step:

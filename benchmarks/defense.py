@@ -1,0 +1,382 @@
+"""The Obliviate experiment at our scale: backdoored MiniLM-L6, PEFT fine-tunes with and without the defense.
+
+1. Plant each task-agnostic attack (POR, NeuBA, BadPre, UOR) into the bundled MiniLM-L6, on IMDB sentences
+   (cached by config hash, so reruns skip this), plus an adaptive POR that plants under the attention penalty.
+2. Choose the defense coefficients on a validation split carved from the training sentences (never the test
+   sentences): a small grid on POR + LoRA, picking the largest validation ASR reduction whose validation CACC stays
+   within 1.5 points of the undefended run.
+3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
+   fine-tune on Rotten Tomatoes sentences undefended and defended, and measure CACC and ASR on the test sentences.
+   Also a task-specific row (10% of the fine-tuning data poisoned) and the adaptive attack.
+
+Writes ``benchmarks/results/defense.{json,md,png}`` (and ``defense_cells.jsonl`` as it goes, so a run can resume).
+
+Usage::
+
+    python benchmarks/defense.py                     # full run (CPU: sizes chosen to fit 90 minutes; GPU: minutes)
+    python benchmarks/defense.py --quick             # a smoke run of every code path on tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+ATTACKS = ("por", "neuba", "badpre", "uor")
+PEFTS = ("lora", "prefix", "adapter")
+LEARNING_RATES = {"lora": 5e-4, "prefix": 5e-3, "adapter": 1e-3}
+GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (1e-4, 3e-2), (1e-3, 1e-2))
+
+
+@dataclass
+class Sizes:
+    train: int = 4000
+    epochs: float = 2.0
+    batch: int = 16
+    max_length: int = 64
+    eval_n: int = 1000
+    val_n: int = 500
+    plant_steps: int = 640
+    plant_batch: int = 16
+    seeds: tuple[int, ...] = (0, 1)
+    attacks: tuple[str, ...] = ATTACKS
+    pefts: tuple[str, ...] = PEFTS
+    grid: tuple[tuple[float, float], ...] = GRID
+
+
+QUICK = Sizes(
+    train=64, epochs=1, batch=16, eval_n=32, val_n=32, plant_steps=4, plant_batch=4, seeds=(0,),
+    grid=((0.0, 3e-3), (3e-4, 3e-3)),
+)  # fmt: skip
+
+
+@dataclass
+class Cell:
+    encoder: str
+    peft: str
+    seed: int
+    defended: bool
+    lambda_amp: float
+    lambda_attn: float
+    cacc: float
+    asr: float
+    metric: str
+    near_chance: bool
+    seconds: float
+    split: str = "test"
+    extra: dict = field(default_factory=dict)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plant(attack: str, sizes: Sizes, adaptive: bool = False) -> Path:
+    """Plant ``attack`` (cached) and return the checkpoint folder."""
+    from hf_obliviate.attacks import get_attack_config, plant_backdoor
+    from hf_obliviate.attacks._common import attack_cache_dir
+    from hf_obliviate.bundled import minilm_path
+
+    kwargs = {"num_steps": sizes.plant_steps, "batch_size": sizes.plant_batch}
+    if adaptive:
+        kwargs["attention_penalty"] = 3e-3
+    config = get_attack_config(attack, **kwargs)
+    plant_backdoor(attack, minilm_path(), config=config, show_progress=True)
+    return attack_cache_dir(attack, config, minilm_path())
+
+
+def run_cell(
+    encoder: str,
+    encoder_path: Path | None,
+    peft: str,
+    seed: int,
+    defended: bool,
+    lambdas: tuple[float, float],
+    sizes: Sizes,
+    split: str = "test",
+    poison: dict | None = None,
+    spread: bool = False,
+) -> Cell:
+    from hf_obliviate.attacks import load_attack_info, poison_dataset
+    from hf_obliviate.data import load_movie_reviews
+    from hf_obliviate.evaluation import build_eval_set, evaluate_backdoor
+    from hf_obliviate.models import load_classifier, wrap_peft
+    from hf_obliviate.trainer import ObliviateTrainingArguments, fine_tune
+    from hf_obliviate.triggers import DEFAULT_TRIGGERS
+
+    start = time.time()
+    torch.manual_seed(seed)
+    train = load_movie_reviews("train", n=sizes.train, seed=seed)
+    triggers = list(DEFAULT_TRIGGERS)
+    if encoder_path is not None:
+        triggers = load_attack_info(encoder_path)["triggers"]
+    if poison is not None:
+        train, _ = poison_dataset(
+            train, rate=poison["rate"], target_label=poison["target"], triggers=triggers, seed=seed
+        )
+    model, tokenizer = load_classifier(encoder_path)
+    model = wrap_peft(model, peft).to(_device())
+    lambda_amp, lambda_attn = lambdas if defended else (0.0, 0.0)
+    args = ObliviateTrainingArguments(
+        output_dir=f"/tmp/obliviate-defense/{encoder}-{peft}-{seed}-{int(defended)}",
+        obliviate=defended,
+        lambda_amp=lambda_amp,
+        lambda_attn=lambda_attn,
+        learning_rate=LEARNING_RATES[peft],
+        num_train_epochs=sizes.epochs,
+        per_device_train_batch_size=sizes.batch,
+        warmup_ratio=0.05,
+        seed=seed,
+        data_seed=seed,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=50,
+        disable_tqdm=True,
+        use_cpu=_device().type == "cpu",
+    )
+    fine_tune(model, tokenizer, train, args, max_length=sizes.max_length)
+    eval_examples = load_movie_reviews(split, n=sizes.val_n if split == "validation" else sizes.eval_n, seed=0)
+    eval_set = build_eval_set(eval_examples, triggers=triggers, n=None, seed=1234, spread=spread)
+    targets = None
+    if encoder == "uor":
+        dev = load_movie_reviews("validation", n=min(200, sizes.val_n), seed=1)
+        dev_set = build_eval_set(dev, triggers=triggers, n=None, seed=99)
+        result = evaluate_backdoor(
+            model, tokenizer, eval_set, targets="majority", dev_set=dev_set, show_progress=False
+        )
+        targets = result.targets
+    else:
+        result = evaluate_backdoor(model, tokenizer, eval_set, show_progress=False)
+    if encoder == "badpre":
+        metric, score = "accuracy_drop", result.accuracy_drop
+    elif encoder == "uor":
+        metric, score = "targeted_asr", result.targeted_asr["mean"]
+    else:
+        metric, score = "asr", result.asr
+    return Cell(
+        encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
+        cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
+        seconds=round(time.time() - start, 1), split=split,
+        extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets},
+    )  # fmt: skip
+
+
+def _key(cell: dict) -> tuple:
+    return (cell["encoder"], cell["peft"], cell["seed"], cell["defended"], cell["lambda_amp"], cell["lambda_attn"],
+            cell["split"])  # fmt: skip
+
+
+class Journal:
+    """Cells appended to a JSONL file as they finish, so an interrupted run resumes where it stopped."""
+
+    def __init__(self, path: Path, resume: bool):
+        self.path = path
+        self.cells: dict[tuple, dict] = {}
+        if resume and path.is_file():
+            for line in path.read_text().splitlines():
+                cell = json.loads(line)
+                self.cells[_key(cell)] = cell
+        elif path.is_file():
+            path.unlink()
+
+    def run(self, **kwargs) -> dict:
+        probe = dict(kwargs)
+        lambdas = probe.pop("lambdas")
+        defended = probe["defended"]
+        key = (probe["encoder"], probe["peft"], probe["seed"], defended, lambdas[0] if defended else 0.0,
+               lambdas[1] if defended else 0.0, probe.get("split", "test"))  # fmt: skip
+        if key in self.cells:
+            return self.cells[key]
+        cell = asdict(run_cell(lambdas=lambdas, **probe))
+        self.cells[key] = cell
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(cell) + "\n")
+        print(
+            f"{cell['encoder']:>9} {cell['peft']:>7} seed {cell['seed']} {'def' if defended else 'und'} "
+            f"λ=({cell['lambda_amp']:g},{cell['lambda_attn']:g}) CACC {cell['cacc']:.3f} "
+            f"{cell['metric']} {cell['asr']:.3f} [{cell['seconds']}s]",
+            flush=True,
+        )
+        return cell
+
+
+def choose_lambdas(journal: Journal, por_path: Path, sizes: Sizes) -> tuple[tuple[float, float], list[dict]]:
+    """Pick (λ_amp, λ_attn) on the validation split with POR + LoRA, seed 0."""
+    base = journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=False,
+                       lambdas=(0.0, 0.0), sizes=sizes, split="validation")  # fmt: skip
+    trials = []
+    for lambdas in sizes.grid:
+        cell = journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=True,
+                           lambdas=lambdas, sizes=sizes, split="validation")  # fmt: skip
+        trials.append(cell)
+    eligible = [c for c in trials if c["cacc"] >= base["cacc"] - 0.015 and not c["near_chance"]]
+    pool = eligible or trials
+    best = min(pool, key=lambda c: (c["asr"], -c["cacc"]))
+    return (best["lambda_amp"], best["lambda_attn"]), [base, *trials]
+
+
+def summarise(cells: list[dict]) -> list[dict]:
+    rows = []
+    groups: dict[tuple, dict[bool, list[dict]]] = {}
+    for cell in cells:
+        if cell["split"] != "test":
+            continue
+        groups.setdefault((cell["encoder"], cell["peft"]), {}).setdefault(cell["defended"], []).append(cell)
+    for (encoder, peft), by in groups.items():
+        und, dfd = by.get(False, []), by.get(True, [])
+        if not und or not dfd:
+            continue
+        mean = statistics.mean
+        asr_u, asr_d = mean(c["asr"] for c in und), mean(c["asr"] for c in dfd)
+        cacc_u, cacc_d = mean(c["cacc"] for c in und), mean(c["cacc"] for c in dfd)
+        reduction = (asr_u - asr_d) / asr_u if asr_u > 0 else float("nan")
+        rows.append({
+            "encoder": encoder, "peft": peft, "metric": und[0]["metric"], "seeds": len(und),
+            "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
+            "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
+            "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
+            "asr_reduction": round(reduction, 4),
+            "near_chance": any(c["near_chance"] for c in und + dfd),
+        })  # fmt: skip
+    return rows
+
+
+def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float) -> None:
+    attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
+    reductions = [r["asr_reduction"] for r in attack_rows if r["asr_reduction"] == r["asr_reduction"]]
+    summary = {
+        "mean_asr_reduction_task_agnostic": round(statistics.mean(reductions), 4) if reductions else None,
+        "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
+        "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
+    }
+    meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
+            "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "rows": rows, "tuning": tuning}, indent=2) + "\n"
+    )
+    lines = [
+        "# Obliviate on backdoored MiniLM-L6 (Rotten Tomatoes sentiment)",
+        "",
+        f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch}, "
+        f"max length {sizes.max_length}; test: {sizes.eval_n} sentences, one clean and one triggered copy per "
+        f"trigger; seeds {list(sizes.seeds)}; attacks planted with {sizes.plant_steps} steps. Wall time "
+        f"{wall / 60:.1f} min. Defense coefficients chosen on the validation split: λ_amp = {lambdas[0]:g}, "
+        f"λ_attn = {lambdas[1]:g}.",
+        "",
+        "ASR column: LMSanitator ASR (POR, NeuBA, clean control, task-specific, adaptive); BadPre: accuracy drop on "
+        "triggered inputs; UOR: targeted ASR (each trigger's target = majority prediction on validation data).",
+        "",
+        "| encoder | PEFT | CACC undef. | CACC def. | Δ CACC (pts) | ASR undef. | ASR def. | ASR reduction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flag = " ⚠ near chance" if r["near_chance"] else ""
+        lines.append(
+            f"| {r['encoder']} | {r['peft']} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
+            f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
+            f"{100 * r['asr_reduction']:.1f}%{flag} |"
+        )
+    lines += [
+        "",
+        f"Mean ASR reduction over the task-agnostic attacks and PEFT types: "
+        f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%**; largest clean-accuracy "
+        f"drop: {summary['max_cacc_drop_points']:.1f} points.",
+        "",
+        "## Coefficient search (validation split, POR + LoRA, seed 0)",
+        "",
+        "| λ_amp | λ_attn | val CACC | val ASR |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {c['lambda_amp']:g} | {c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f} |" for c in tuning]
+    lines += ["", f"Regenerate: `{meta['command']}`."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _plot(rows, out.with_suffix(".png"))
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dev dependency
+        return
+    labels = [f"{r['encoder']}\n{r['peft']}" for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(rows)), 7), sharex=True)
+    width = 0.4
+    for ax, key, title in (
+        (axes[0], "asr", "ASR (or BadPre accuracy drop / UOR targeted ASR)"),
+        (axes[1], "cacc", "CACC"),
+    ):
+        ax.bar([i - width / 2 for i in x], [r[f"{key}_undefended"] for r in rows], width, label="undefended")
+        ax.bar([i + width / 2 for i in x], [r[f"{key}_defended"] for r in rows], width, label="Obliviate")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper right")
+    axes[1].set_xticks(list(x))
+    axes[1].set_xticklabels(labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Tiny sizes: exercise every code path in minutes.")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "defense")
+    parser.add_argument("--resume", action="store_true", help="Reuse finished cells of the journal.")
+    parser.add_argument("--train", type=int, default=None, help="Fine-tuning sentences (default 4000).")
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sizes = QUICK if args.quick else Sizes()
+    if args.train:
+        sizes.train = args.train
+    if args.epochs:
+        sizes.epochs = args.epochs
+    if args.seeds:
+        sizes.seeds = tuple(args.seeds)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    start = time.time()
+    journal = Journal(args.out.with_name(args.out.name + "_cells.jsonl"), args.resume)
+    paths = {attack: plant(attack, sizes) for attack in sizes.attacks}
+    adaptive_path = plant("por", sizes, adaptive=True)
+    if args.lambdas:
+        lambdas, tuning = tuple(args.lambdas), []
+    else:
+        lambdas, tuning = choose_lambdas(journal, paths["por"], sizes)
+    print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
+    encoders: list[tuple[str, Path | None, dict]] = [("clean", None, {})]
+    encoders += [(attack, paths[attack], {}) for attack in sizes.attacks]
+    for encoder, path, extra in encoders:
+        for peft in sizes.pefts:
+            for seed in sizes.seeds:
+                for defended in (False, True):
+                    journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=defended,
+                                lambdas=lambdas, sizes=sizes, **extra)  # fmt: skip
+    for seed in sizes.seeds:
+        for defended in (False, True):
+            journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
+                        lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip
+            journal.run(encoder="adaptive-por", encoder_path=adaptive_path, peft="lora", seed=seed,
+                        defended=defended, lambdas=lambdas, sizes=sizes)  # fmt: skip
+    rows = summarise(list(journal.cells.values()))
+    write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
