@@ -47,6 +47,7 @@ class Sizes:
     val_n: int = 500
     plant_steps: int = 640
     plant_batch: int = 16
+    mlm_warmup: int | None = None  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default)
     seeds: tuple[int, ...] = (0, 1)
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
@@ -54,7 +55,7 @@ class Sizes:
 
 
 QUICK = Sizes(
-    train=64, epochs=1, batch=16, eval_n=32, val_n=32, plant_steps=4, plant_batch=4, seeds=(0,),
+    train=64, epochs=1, batch=16, eval_n=32, val_n=32, plant_steps=4, plant_batch=4, mlm_warmup=2, seeds=(0,),
     grid=((0.0, 3e-3), (3e-4, 3e-3)),
 )  # fmt: skip
 
@@ -87,6 +88,8 @@ def plant(attack: str, sizes: Sizes, adaptive: bool = False) -> Path:
     from hf_obliviate.bundled import minilm_path
 
     kwargs = {"num_steps": sizes.plant_steps, "batch_size": sizes.plant_batch}
+    if sizes.mlm_warmup is not None and attack in ("neuba", "badpre"):
+        kwargs["mlm_head_warmup_steps"] = sizes.mlm_warmup
     if adaptive:
         kwargs["attention_penalty"] = 3e-3
     config = get_attack_config(attack, **kwargs)
