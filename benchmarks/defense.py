@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
 PEFTS = ("lora", "prefix", "adapter")
-LEARNING_RATES = {"lora": 5e-4, "prefix": 5e-3, "adapter": 1e-3}
+LEARNING_RATES = {"lora": 5e-4, "prefix": 1e-2, "adapter": 1e-3}
 GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (1e-4, 3e-2), (1e-3, 1e-2))
 
 
@@ -137,7 +137,7 @@ def run_cell(
         learning_rate=LEARNING_RATES[peft],
         num_train_epochs=sizes.epochs,
         per_device_train_batch_size=sizes.batch,
-        warmup_ratio=0.05,
+        warmup_steps=0.05,  # a float in [0, 1) is a ratio of the total steps
         seed=seed,
         data_seed=seed,
         save_strategy="no",
@@ -183,6 +183,7 @@ class Journal:
 
     def __init__(self, path: Path, resume: bool):
         self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple, dict] = {}
         if resume and path.is_file():
             for line in path.read_text().splitlines():
@@ -221,10 +222,16 @@ def choose_lambdas(journal: Journal, por_path: Path, sizes: Sizes) -> tuple[tupl
         cell = journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=True,
                            lambdas=lambdas, sizes=sizes, split="validation")  # fmt: skip
         trials.append(cell)
+    return pick_lambdas([base, *trials]), [base, *trials]
+
+
+def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
+    """Lowest validation ASR among defended runs whose validation CACC is within 1.5 points of the undefended."""
+    base = next(c for c in tuning if not c["defended"])
+    trials = [c for c in tuning if c["defended"]]
     eligible = [c for c in trials if c["cacc"] >= base["cacc"] - 0.015 and not c["near_chance"]]
-    pool = eligible or trials
-    best = min(pool, key=lambda c: (c["asr"], -c["cacc"]))
-    return (best["lambda_amp"], best["lambda_attn"]), [base, *trials]
+    best = min(eligible or trials, key=lambda c: (c["asr"], -c["cacc"]))
+    return best["lambda_amp"], best["lambda_attn"]
 
 
 def summarise(cells: list[dict]) -> list[dict]:
@@ -339,9 +346,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: exercise every code path in minutes.")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "defense")
     parser.add_argument("--resume", action="store_true", help="Reuse finished cells of the journal.")
+    parser.add_argument(
+        "--summarise-only", action="store_true", help="Only rebuild the tables and plot from the journal."
+    )
+    parser.add_argument("--journal", type=Path, default=None, help="Journal file (default: <out>_cells.jsonl).")
     parser.add_argument("--train", type=int, default=None, help="Fine-tuning sentences (default 4000).")
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--batch", type=int, default=None, help="Fine-tuning batch size (default 16).")
+    parser.add_argument("--plant-steps", type=int, default=None, help="Planting steps per attack (default 640).")
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -352,9 +365,23 @@ def main() -> None:
         sizes.epochs = args.epochs
     if args.seeds:
         sizes.seeds = tuple(args.seeds)
+    if args.batch:
+        sizes.batch = args.batch
+    if args.plant_steps:
+        sizes.plant_steps = args.plant_steps
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     start = time.time()
-    journal = Journal(args.out.with_name(args.out.name + "_cells.jsonl"), args.resume)
+    journal = Journal(
+        args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only
+    )
+    if args.summarise_only:
+        cells = list(journal.cells.values())
+        tuning = [c for c in cells if c["split"] == "validation"]
+        lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
+        wall = sum(c["seconds"] for c in cells)
+        write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall)
+        print(args.out.with_suffix(".md").read_text())
+        return
     paths = {attack: plant(attack, sizes) for attack in sizes.attacks}
     adaptive_path = plant("por", sizes, adaptive=True)
     if args.lambdas:

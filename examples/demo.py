@@ -65,7 +65,7 @@ def main() -> None:
             learning_rate=5e-4,
             num_train_epochs=args.epochs,
             per_device_train_batch_size=16,
-            warmup_ratio=0.05,
+            warmup_steps=0.05,  # a float in [0, 1) is a ratio of the total steps
             logging_steps=25,
             save_strategy="no",
             report_to="none",

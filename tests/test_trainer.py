@@ -198,3 +198,29 @@ def test_works_with_tokenizer_collator(tmp_path):
     )
     out = trainer.train()
     assert torch.isfinite(torch.tensor(out.training_loss))
+
+
+def test_compressed_push_dry_run_from_defended_lora(tmp_path):
+    """push_to_hub with delta_compression: the merged LoRA delta is written BitDelta-compressed, card included."""
+    import json
+
+    from hf_obliviate.hub import load_compressed
+
+    base_dir = tmp_path / "base"
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora")
+    model.get_base_model().save_pretrained(base_dir)
+    dry = tmp_path / "dry"
+    args = _args(
+        tmp_path / "run", max_steps=2, per_device_train_batch_size=4, push_to_hub=True, hub_model_id="me/tiny",
+        delta_compression="bitdelta", delta_base_model=str(base_dir), delta_dry_run_dir=str(dry),
+    )  # fmt: skip
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=_PadCollator(0))
+    trainer.train()
+    trainer.push_to_hub()
+    meta = json.loads((dry / "obliviate_delta.json").read_text())
+    assert meta["method"] == "bitdelta" and meta["k"] == 1
+    card = (dry / "README.md").read_text()
+    assert "obliviate" in card and "lambda_attn" in card
+    rebuilt = load_compressed(str(base_dir), str(dry))
+    assert rebuilt is not None

@@ -68,9 +68,11 @@ class CompressedPushMixin:
         info: dict[str, Any] = {}
         defense = {
             k: getattr(self.args, k)
-            for k in ("lambda_amp", "lambda_attn", "amp_norm_cap", "peft_dropout")
+            for k in ("obliviate", "lambda_amp", "lambda_attn", "amp_norm_cap", "attn_query", "peft_dropout")
             if getattr(self.args, k, None) is not None
         }
+        if defense.get("obliviate") is False:  # plain PEFT training: the coefficients were not used
+            defense = {"obliviate": False}
         if defense:
             info["defense"] = defense
         history = getattr(getattr(self, "state", None), "log_history", None) or []
