@@ -217,6 +217,32 @@ def write_results(rows: list[dict], out: Path, device: torch.device) -> None:
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Grouped bars of the time and memory ratios per row, with the target lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['trainer']} {r['peft']}\n{r['batch']}×{r['seq_len']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.6))
+    ax.bar([i - 0.2 for i in x], [r["time_ratio"] for r in rows], 0.4, label="step time ratio")
+    ax.bar([i + 0.2 for i in x], [r["mem_ratio"] for r in rows], 0.4, label="peak memory ratio")
+    for y, style, name in ((1.15, "--", "cls time target"), (1.20, ":", "cls memory target")):
+        ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("defended / plain")
+    ax.set_ylim(0.8, max(1.5, max(max(r["time_ratio"], r["mem_ratio"]) for r in rows) + 0.05))
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="Timed steps per trainer and row.")
@@ -229,7 +255,12 @@ def main() -> None:
         "--random-init", action="store_true", help="Same architecture, random weights (timing and memory only)."
     )
     parser.add_argument("--texts", type=Path, default=None, help="JSON {source: [{text, label}]} instead of bundled.")
+    parser.add_argument("--replot", action="store_true", help="Only redraw <out>.png from <out>.json.")
     args = parser.parse_args()
+    if args.replot:
+        data = json.loads(args.out.with_suffix(".json").read_text())
+        plot(data["rows"], args.out.with_suffix(".png"), f"Obliviate overhead, {data['meta']['device']}")
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = torch.device(args.device)
     selected = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
@@ -241,6 +272,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     write_results(rows, args.out, device)
+    meta_device = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    plot(rows, args.out.with_suffix(".png"), f"Obliviate overhead, {meta_device}")
     print(args.out.with_suffix(".md").read_text())
 
 
