@@ -13,7 +13,7 @@ Writes ``benchmarks/results/defense.{json,md,png}`` (and ``defense_cells.jsonl``
 
 Usage::
 
-    python benchmarks/defense.py                     # full run (CPU: sizes chosen to fit 90 minutes; GPU: minutes)
+    python benchmarks/defense.py                     # full run (sizes: see `Sizes`)
     python benchmarks/defense.py --quick             # a smoke run of every code path on tiny sizes
 """
 
@@ -39,13 +39,17 @@ GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (1e-4, 3e-2), (1e-
 
 @dataclass
 class Sizes:
-    train: int = 4000
-    epochs: float = 2.0
+    """Run sizes. The defaults are chosen to fit about 90 minutes on 2 CPU cores with the planted encoders cached
+    (≈ 68 fine-tunes of 80 steps at ~0.6 s, each evaluated on 300 sentences × 7 copies); an estimate from per-step
+    timings, not yet a measured end-to-end run. On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000``."""
+
+    train: int = 1280
+    epochs: float = 1.0
     batch: int = 16
     max_length: int = 64
-    eval_n: int = 1000
-    val_n: int = 500
-    plant_steps: int = 640
+    eval_n: int = 300
+    val_n: int = 300
+    plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = None  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default)
     seeds: tuple[int, ...] = (0, 1)
@@ -354,6 +358,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=None, help="Fine-tuning batch size (default 16).")
+    parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default 300).")
     parser.add_argument("--plant-steps", type=int, default=None, help="Planting steps per attack (default 640).")
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     args = parser.parse_args()
@@ -367,6 +372,8 @@ def main() -> None:
         sizes.seeds = tuple(args.seeds)
     if args.batch:
         sizes.batch = args.batch
+    if args.eval_n:
+        sizes.eval_n = args.eval_n
     if args.plant_steps:
         sizes.plant_steps = args.plant_steps
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"

@@ -25,6 +25,8 @@ _EXPORTS: dict[str, str] = {
     "HubAuthError": "hf_obliviate.hub",
     "ObliviateConfig": "hf_obliviate.config",
     "ObliviateDefense": "hf_obliviate.defense",
+    "ObliviateSFTConfig": "hf_obliviate.trainer",
+    "ObliviateSFTTrainer": "hf_obliviate.trainer",
     "ObliviateTrainer": "hf_obliviate.trainer",
     "ObliviateTrainingArguments": "hf_obliviate.trainer",
     "ShapeMismatchError": "hf_obliviate.delta",
@@ -58,6 +60,8 @@ __all__ = [
     "HubAuthError",
     "ObliviateConfig",
     "ObliviateDefense",
+    "ObliviateSFTConfig",
+    "ObliviateSFTTrainer",
     "ObliviateTrainer",
     "ObliviateTrainingArguments",
     "ShapeMismatchError",
@@ -113,5 +117,12 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .hub import HubAuthError, load_compressed, push_compressed_delta
     from .losses import amplification_loss, attention_logit_loss
-    from .trainer import DeltaPushArguments, ObliviateTrainer, ObliviateTrainingArguments, fine_tune
+    from .trainer import (
+        DeltaPushArguments,
+        ObliviateSFTConfig,
+        ObliviateSFTTrainer,
+        ObliviateTrainer,
+        ObliviateTrainingArguments,
+        fine_tune,
+    )
     from .tuners import UnsupportedTunerError, tuner_parameters

@@ -18,6 +18,21 @@ Key masking uses the 2D ``attention_mask`` of the batch (1 = real token). When t
 (prefix tuning prepends virtual keys, prompt tuning virtual tokens) the mask is extended with ones on the left, so
 prefix keys count in the norm. Padded keys are *selected out* (``masked_fill`` with 0), never multiplied by a mask
 that holds ``-inf``. Causal attention modules only count keys at or before each query row.
+
+Packed (padding-free) batches have no ``attention_mask``; pass ``segment_ids`` (or ``position_ids``, from which
+:func:`segments_from_position_ids` derives them: a new sequence starts wherever the position restarts at 0) and a
+query row then only counts keys of its own sequence.
+
+Gradient checkpointing: the row logits are computed by custom autograd functions that keep their inputs (the
+layer's query and key states) on the autograd context instead of saving them through ``saved_tensors_hooks``. So
+non-reentrant checkpointing neither sees nor recomputes them: re-running a layer during backward (outside
+``record()``) calls the plain kernel, adds nothing to the record and the saved-tensor order of the layer is
+unchanged. The price is that each layer's query and key states stay alive until backward. Reentrant checkpointing
+runs the forward without autograd, so it cannot carry the term's gradient: the trainers refuse it.
+
+With ``query="rows"`` (completion tokens in SFT) there can be as many rows as keys. Those rows are reduced to
+their norms inside the forward pass, in chunks of rows, and the backward pass recomputes each chunk, so a layer
+never holds more than one chunk of ``rows × keys`` logits (nothing of that size is kept for backward).
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ __all__ = [
     "AttentionLogitCapture",
     "CaptureRecord",
     "LayerCapture",
+    "segments_from_position_ids",
 ]
 
 QUERY_MODES = ("auto", "first", "last", "rows")
@@ -45,6 +61,123 @@ _REGISTERED: set[str] = set()
 _LOCK = threading.Lock()
 # id(attention module) -> active recording session; filled only inside `record()`.
 _ACTIVE: dict[int, _Session] = {}
+# Elements of one chunk of (batch, heads, rows, keys) logits in the fused rows path (64 MiB in fp32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def segments_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq_len)`` sequence index of each token of a packed batch: a sequence starts where the position is 0.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.capture import segments_from_position_ids
+    >>> segments_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0]])).tolist()
+    [[0, 0, 0, 1, 1, 2]]
+    ```
+    """
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    return (position_ids == 0).long().cumsum(dim=-1) - 1
+
+
+def _select_rows(query: torch.Tensor, rows: torch.Tensor, uniform: int | None) -> torch.Tensor:
+    batch, heads, _, head_dim = query.shape
+    if uniform is not None:
+        return query.narrow(2, uniform, 1)  # a view: no gather kernel
+    return torch.gather(query, 2, rows[:, None, :, None].expand(batch, heads, rows.shape[1], head_dim))
+
+
+def _scatter_rows(query: torch.Tensor, rows: torch.Tensor, uniform: int | None, grad_rows: torch.Tensor):
+    grad = torch.zeros_like(query)
+    if uniform is not None:
+        grad.narrow(2, uniform, 1).copy_(grad_rows)
+        return grad
+    batch, heads, _, head_dim = query.shape
+    index = rows[:, None, :, None].expand(batch, heads, rows.shape[1], head_dim)
+    return grad.scatter_add_(2, index, grad_rows.to(grad.dtype))
+
+
+def _grouped_logits(q_rows: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``q_rows @ Kᵀ`` with grouped-query attention: query head h reads key head h // n_rep (no repeated keys)."""
+    batch, heads, n_rows, head_dim = q_rows.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    grouped = q_rows.reshape(batch, kv_heads, (heads // kv_heads) * n_rows, head_dim)
+    return torch.matmul(grouped, key.transpose(-1, -2)).reshape(batch, heads, n_rows, kv_len)
+
+
+def _grouped_backward(grad: torch.Tensor, q_rows: torch.Tensor, key: torch.Tensor):
+    """Gradients of :func:`_grouped_logits` w.r.t. ``q_rows`` and ``key`` for an upstream ``grad`` of its output."""
+    batch, heads, n_rows, head_dim = q_rows.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    grad = grad.to(key.dtype).reshape(batch, kv_heads, -1, kv_len)
+    grouped = q_rows.reshape(batch, kv_heads, -1, head_dim)
+    grad_rows = torch.matmul(grad, key).reshape(batch, heads, n_rows, head_dim)
+    grad_key = torch.matmul(grad.transpose(-1, -2), grouped)
+    return grad_rows, grad_key
+
+
+class _RowLogits(torch.autograd.Function):
+    """``(batch, heads, rows, keys)`` unscaled logits of the selected rows. Inputs live on ``ctx`` (not
+    ``save_for_backward``) so that checkpointing's saved-tensor hooks do not see them (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, query, key, rows, uniform):
+        ctx.query, ctx.key, ctx.rows, ctx.uniform = query, key, rows, uniform
+        return _grouped_logits(_select_rows(query, rows, uniform), key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, rows, uniform = ctx.query, ctx.key, ctx.rows, ctx.uniform
+        grad_rows, grad_key = _grouped_backward(grad, _select_rows(query, rows, uniform), key)
+        grad_query = _scatter_rows(query, rows, uniform, grad_rows) if ctx.needs_input_grad[0] else None
+        return grad_query, grad_key if ctx.needs_input_grad[1] else None, None, None
+
+
+class _RowNorms(torch.autograd.Function):
+    """``(batch, heads, rows)`` fp32 norms ``‖S_row ⊙ m‖₂`` of the unscaled logits, computed in chunks of rows; the
+    backward pass recomputes each chunk instead of keeping ``rows × keys`` logits.
+
+    ``plan`` is a tuple of ``(start, stop, key_limit)``: the chunk's rows and the keys it needs. In causal layers a
+    chunk never sees keys after its last row, so they are skipped (they are masked anyway)."""
+
+    @staticmethod
+    def forward(ctx, query, key, rows, dropped, plan):
+        ctx.query, ctx.key, ctx.rows, ctx.dropped, ctx.plan = query, key, rows, dropped, plan
+        norms = torch.cat([_RowNorms._chunk(query, key, rows, dropped, *chunk)[1] for chunk in plan], dim=2)
+        ctx.norms = norms.detach()  # a detached alias: storing the output itself would make a reference cycle
+        return norms
+
+    @staticmethod
+    def _chunk(query, key, rows, dropped, start, stop, limit):
+        key = key[:, :, :limit]
+        q_rows = _select_rows(query, rows[:, start:stop], None)
+        logits = _grouped_logits(q_rows, key)
+        if dropped is not None:
+            logits = logits.masked_fill(dropped[:, :, start:stop, :limit], 0.0)  # select, never multiply by -inf
+        return q_rows, torch.linalg.vector_norm(logits, ord=2, dim=-1, dtype=torch.float32), logits
+
+    @staticmethod
+    def backward(ctx, grad_norms):
+        query, key, rows, dropped, norms = ctx.query, ctx.key, ctx.rows, ctx.dropped, ctx.norms
+        # d‖s‖/ds = s / ‖s‖, and 0 (not NaN) where ‖s‖ = 0, like torch.linalg.vector_norm.
+        coef = torch.where(norms > 0, grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+        grad_query = torch.zeros_like(query) if ctx.needs_input_grad[0] else None
+        grad_key = torch.zeros_like(key, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        batch, heads, _, head_dim = query.shape
+        for start, stop, limit in ctx.plan:
+            q_rows, _, logits = _RowNorms._chunk(query, key, rows, dropped, start, stop, limit)
+            grad_logits = logits.float() * coef[:, :, start:stop, None]
+            grad_rows, chunk_key = _grouped_backward(grad_logits, q_rows, key[:, :, :limit])
+            if grad_key is not None:
+                grad_key[:, :, :limit] += chunk_key.float()
+            if grad_query is not None:
+                chunk_rows = rows[:, start:stop]
+                index = chunk_rows[:, None, :, None].expand(batch, heads, chunk_rows.shape[1], head_dim)
+                grad_query.scatter_add_(2, index, grad_rows.to(grad_query.dtype))
+        if grad_key is not None:
+            grad_key = grad_key.to(key.dtype)
+        return grad_query, grad_key, None, None, None
 
 
 class AttentionCaptureError(RuntimeError):
@@ -71,7 +204,8 @@ class LayerCapture:
 
 @dataclass
 class _Pending:
-    raw: torch.Tensor  # (batch, heads, rows, keys) unscaled Q Kᵀ of the summary rows
+    raw: torch.Tensor  # (batch, heads, rows, keys) unscaled Q Kᵀ of the summary rows, or (fused) their fp32 norms
+    fused: bool  # True: `raw` already holds the (batch, heads, rows) masked row norms
     masks: tuple[torch.Tensor, torch.Tensor] | None
     row_valid: torch.Tensor | None
     rows: torch.Tensor
@@ -99,7 +233,8 @@ class CaptureRecord:
         return self._layers
 
     def loss(self) -> torch.Tensor:
-        """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` (METHOD.md §1)."""
+        """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` (METHOD.md §1); with several rows q* per
+        example (completion tokens) their norms are averaged per example first."""
         self._finalize()
         if not self._layers:
             raise AttentionCaptureError(
@@ -117,21 +252,30 @@ class CaptureRecord:
         pending, self._pending = self._pending, []
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(pending):
-            key = (tuple(item.raw.shape), item.raw.dtype, item.raw.device, id(item.masks), id(item.row_valid))
+            key = (
+                tuple(item.raw.shape), item.raw.dtype, item.raw.device, id(item.masks), id(item.row_valid), item.fused
+            )  # fmt: skip
             groups.setdefault(key, []).append(i)
         norms: list[torch.Tensor | None] = [None] * len(pending)
         single = len(groups) == 1 and len({item.scaling for item in pending}) == 1
         for idx in groups.values():
             first = pending[idx[0]]
-            values = torch.stack([pending[i].raw for i in idx]).float()  # (layers, batch, heads, rows, keys)
-            if first.masks is not None:
-                values = values.masked_fill(first.masks[1][None], 0.0)  # select, never multiply by -inf
-            row_norms = torch.linalg.vector_norm(values, ord=2, dim=-1)  # gradient 0 (not NaN) at 0
+            if first.fused:
+                row_norms = torch.stack([pending[i].raw for i in idx])  # (layers, batch, heads, rows)
+            else:
+                values = torch.stack([pending[i].raw for i in idx]).float()  # (layers, batch, heads, rows, keys)
+                if first.masks is not None:
+                    values = values.masked_fill(first.masks[1][None], 0.0)  # select, never multiply by -inf
+                row_norms = torch.linalg.vector_norm(values, ord=2, dim=-1)  # gradient 0 (not NaN) at 0
             if first.row_valid is None:
                 per_layer = row_norms.mean(dim=(1, 2, 3))
             else:
-                weights = first.row_valid[None, :, None, :].to(row_norms.dtype).expand_as(row_norms)
-                per_layer = (row_norms * weights).sum(dim=(1, 2, 3)) / weights[0].sum().clamp_min(1.0)
+                # Rows are averaged per example, then examples (with at least one row) and heads: a mean over
+                # examples, so equal micro-batches under gradient accumulation or DDP give the full batch's value.
+                valid = first.row_valid.to(row_norms.dtype)
+                weights = valid / valid.sum(dim=1, keepdim=True).clamp_min(1.0)
+                examples = (valid.sum(dim=1) > 0).sum().clamp_min(1) * row_norms.shape[2]
+                per_layer = (row_norms * weights[None, :, None, :]).sum(dim=(1, 2, 3)) / examples
             # ‖scaling · S‖ = scaling · ‖S‖: scale the per-layer norms, not the logits.
             scales = torch.tensor([pending[i].scaling for i in idx], dtype=per_layer.dtype, device=per_layer.device)
             per_layer = per_layer * scales if not single else per_layer * first.scaling
@@ -163,8 +307,10 @@ class _Session:
         query_mask: torch.Tensor | None,
         query_offset: int,
         keep_logits: bool,
+        segment_ids: torch.Tensor | None = None,
     ):
         self.record = record
+        self.segment_ids = segment_ids
         self.mode = mode
         self.attention_mask = attention_mask
         self.query_mask = query_mask
@@ -246,7 +392,7 @@ class _Session:
         """``(batch, rows, keys)`` mask of the keys that count and its ``(batch, 1, rows, keys)`` complement, or
         ``None`` when every key counts."""
         causal = bool(getattr(module, "is_causal", False))
-        if kv_mask is None and not causal:
+        if kv_mask is None and not causal and self.segment_ids is None:
             return None
         key = ("counted", causal, tuple(rows.shape), q_len, kv_len)
         if key not in self._rows_cache:
@@ -259,8 +405,50 @@ class _Session:
                 # Key j is visible to query row i when j <= i + (kv_len - q_len) (cached / prefix keys come first).
                 key_pos = torch.arange(kv_len, device=rows.device)
                 counted = counted & (key_pos[None, None, :] <= (rows + (kv_len - q_len))[:, :, None])
+            if self.segment_ids is not None:
+                counted = counted & self.same_segment(rows, q_len, kv_len)
             self._rows_cache[key] = (counted, ~counted[:, None, :, :])
         return self._rows_cache[key]
+
+    def chunk_plan(
+        self, module: nn.Module, rows: torch.Tensor, heads: int, q_len: int, kv_len: int
+    ) -> tuple[tuple[int, int, int], ...]:
+        """``(start, stop, key_limit)`` chunks of rows for :class:`_RowNorms`, the same for every layer of a pass
+        (computed once per ``record()``: one host sync)."""
+        causal = bool(getattr(module, "is_causal", False))
+        batch, n_rows = rows.shape
+        key = ("plan", causal, batch, n_rows, heads, q_len, kv_len)
+        if key not in self._rows_cache:
+            step = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+            if causal and n_rows >= 256:  # 4+ chunks: each skips the keys after its last row (~40% less work)
+                step = min(step, -(-n_rows // 4))
+            starts = list(range(0, n_rows, step))
+            if causal:
+                # The last key a chunk can see: its largest row position (+ prefix / cached keys), for every example.
+                padded = torch.nn.functional.pad(rows, (0, len(starts) * step - n_rows), value=0)
+                last = padded.reshape(batch, len(starts), step).amax(dim=(0, 2)) + (kv_len - q_len) + 1
+                limits = [min(int(v), kv_len) for v in last.tolist()]
+            else:
+                limits = [kv_len] * len(starts)
+            self._rows_cache[key] = tuple((a, min(a + step, n_rows), lim) for a, lim in zip(starts, limits))
+        return self._rows_cache[key]
+
+    def same_segment(self, rows: torch.Tensor, q_len: int, kv_len: int) -> torch.Tensor:
+        """``(batch, rows, keys)``: key j is in the same packed sequence as the query row (prefix keys: always)."""
+        segments = self.segment_ids.to(device=rows.device)
+        if segments.dim() == 1:
+            segments = segments[None]
+        batch = rows.shape[0]
+        if segments.shape[0] != batch or segments.shape[1] != q_len or kv_len < q_len:
+            raise AttentionCaptureError(
+                f"segment_ids must have shape (batch, seq_len) = ({batch}, {q_len}); got {tuple(segments.shape)}. "
+                "Pass the packed batch's position_ids (or segment ids) to `record()`."
+            )
+        row_segments = torch.gather(segments, 1, rows)  # (batch, rows)
+        same = segments[:, None, :] == row_segments[:, :, None]  # (batch, rows, q_len)
+        if kv_len > q_len:  # prefix / cached keys come first
+            same = torch.cat([same.new_ones(batch, rows.shape[1], kv_len - q_len), same], dim=2)
+        return same
 
     def observe(
         self,
@@ -281,17 +469,16 @@ class _Session:
         else:
             token_mask = kv_mask
         rows, row_valid, uniform = self.rows(module, batch, q_len, token_mask)
-        n_rows = rows.shape[1]
-        if uniform is not None:
-            q_rows = query.narrow(2, uniform, 1)  # a view: no gather kernel
-        else:
-            q_rows = torch.gather(query, 2, rows[:, None, :, None].expand(batch, heads, n_rows, head_dim))
-        # Grouped-query attention: query head h reads key head h // n_rep; group rows instead of repeating keys.
-        n_rep = heads // kv_heads
-        q_rows = q_rows.reshape(batch, kv_heads, n_rep * n_rows, head_dim)
-        raw = torch.matmul(q_rows, key.transpose(-1, -2)).reshape(batch, heads, n_rows, kv_len)
         masks = self.counted_keys(module, rows, q_len, kv_mask, kv_len)
-        self.record._pending.append(_Pending(raw, masks, row_valid, rows, float(scaling), self.keep_logits))
+        # Many rows (completion tokens): reduce each chunk of rows to norms now; else keep the few rows' logits and
+        # mask / reduce all layers at once in `CaptureRecord._finalize`.
+        fused = rows.shape[1] > 1 and not self.keep_logits
+        if fused:
+            plan = self.chunk_plan(module, rows, heads, q_len, kv_len)
+            raw = _RowNorms.apply(query, key, rows, None if masks is None else masks[1], plan)
+        else:
+            raw = _RowLogits.apply(query, key, rows, uniform)
+        self.record._pending.append(_Pending(raw, fused, masks, row_valid, rows, float(scaling), self.keep_logits))
 
 
 _KERNELS: dict[tuple[str | None, type], object] = {}
@@ -442,6 +629,8 @@ class AttentionLogitCapture:
         attention_mask: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
         keep_logits: bool | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> Iterator[CaptureRecord]:
         """Record the attention calls of the forward passes run inside the ``with`` block.
 
@@ -449,7 +638,13 @@ class AttentionLogitCapture:
             attention_mask (`torch.Tensor`, *optional*): the batch's 2D mask (1 = token, 0 = pad).
             query_mask (`torch.Tensor`, *optional*): 2D boolean mask of query rows, for ``query="rows"``.
             keep_logits (`bool`, *optional*): override the instance's ``keep_logits``.
+            segment_ids (`torch.Tensor`, *optional*): ``(batch, seq_len)`` sequence index of each token of a packed
+                (padding-free) batch; a query row then only counts keys of its own sequence.
+            position_ids (`torch.Tensor`, *optional*): of a packed batch, to derive ``segment_ids`` from (positions
+                restart at 0 at each sequence). Ignored when ``segment_ids`` is given.
         """
+        if segment_ids is None and position_ids is not None:
+            segment_ids = segments_from_position_ids(position_ids)
         record = CaptureRecord()
         session = _Session(
             record,
@@ -458,6 +653,7 @@ class AttentionLogitCapture:
             query_mask,
             self.query_offset,
             self.keep_logits if keep_logits is None else keep_logits,
+            segment_ids,
         )
         configs = self._configs
         originals = [config._attn_implementation for config in configs]

@@ -1,7 +1,7 @@
 """``hf-obliviate attack`` and ``hf-obliviate eval``: the command-line faces of the attacks and the evaluator.
 
-    hf-obliviate attack por --num_steps 300 --output_dir backdoored-por/
-    hf-obliviate eval --model out/adapter --triggers cf mn --n 1000 --json eval.json --markdown eval.md
+hf-obliviate attack por --num_steps 300 --output_dir backdoored-por/
+hf-obliviate eval --model out/adapter --triggers cf mn --n 1000 --json eval.json --markdown eval.md
 """
 
 from __future__ import annotations

@@ -108,13 +108,24 @@ class ObliviateDefense:
         attention_mask: torch.Tensor | None = None,
         query_mask: torch.Tensor | None = None,
         keep_logits: bool | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> Iterator[DefenseStep]:
-        """Run forward passes inside this block; the yielded :class:`DefenseStep` then holds the terms."""
+        """Run forward passes inside this block; the yielded :class:`DefenseStep` then holds the terms.
+
+        The arguments go to :meth:`hf_obliviate.AttentionLogitCapture.record` (``segment_ids`` / ``position_ids``:
+        packed batches, keys stay within the query's own sequence)."""
         step = DefenseStep(self)
         if self.capture is None:
             yield step
             return
-        with self.capture.record(attention_mask=attention_mask, query_mask=query_mask, keep_logits=keep_logits) as rec:
+        with self.capture.record(
+            attention_mask=attention_mask,
+            query_mask=query_mask,
+            keep_logits=keep_logits,
+            segment_ids=segment_ids,
+            position_ids=position_ids,
+        ) as rec:
             step.record = rec
             yield step
 

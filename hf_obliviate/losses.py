@@ -48,6 +48,7 @@ def _norms(params: list[torch.Tensor]) -> torch.Tensor:
     target module type). The norm's gradient at a zero tensor is 0, not NaN (LoRA B at init)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
+        p = _full(p)
         groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
     device = params[0].device
     norms = [
@@ -55,6 +56,16 @@ def _norms(params: list[torch.Tensor]) -> torch.Tensor:
         for group in groups.values()
     ]
     return norms[0] if len(norms) == 1 else torch.cat(norms)
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter: FSDP2 / tensor-parallel parameters are ``DTensor``s, and
+    ``full_tensor()`` all-gathers them differentiably (the gradient flows back to each shard). The norm of a shard
+    is not the shard's part of ``‖θ‖₂``, so never reduce the local shards alone."""
+    full_tensor = getattr(param, "full_tensor", None)
+    if full_tensor is not None and hasattr(param, "placements"):
+        return full_tensor()
+    return param
 
 
 def attention_logit_loss(layer_norms: Sequence[torch.Tensor]) -> torch.Tensor:

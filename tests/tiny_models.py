@@ -107,3 +107,31 @@ def tiny_batch(batch: int = 4, length: int = 10, seed: int = 0, pad_id: int = 0,
         ids[row, keep:] = pad_id
     labels = torch.randint(0, 2, (batch,), generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_tokenizer():
+    """The SmolLM2 tokenizer (chat template included) from the converted bundled checkpoint (no network)."""
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.smollm import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
+def tiny_causal_lm(vocab_size: int, attn_implementation: str = "sdpa", seed: int = 0):
+    """A 2-layer random Llama causal LM (GQA: 4 query heads, 2 key heads) for SFT tests."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        attn_implementation=attn_implementation,
+    )
+    return LlamaForCausalLM(config)

@@ -1,0 +1,148 @@
+"""Train both trainers for a few steps; run under ``torch.distributed.run`` by tests/test_distributed.py.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_train.py OUT PER_DEVICE_BATCH STEPS``: each process
+trains ObliviateTrainer (tiny Llama classifier, LoRA) and ObliviateSFTTrainer (tiny causal Llama, LoRA) on CPU with
+gloo; the main process writes the trained adapter tensors (safetensors) and the logged losses (JSON) to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+N_EXAMPLES = 8  # one optimizer step sees every example (global batch 8): data order cannot matter
+
+
+def _common(out: Path, batch: int, steps: int) -> dict:
+    return dict(
+        output_dir=str(out),
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        max_grad_norm=0.0,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        lambda_amp=1e-2,
+        lambda_attn=1e-1,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+
+
+class _PadCollator:
+    def __call__(self, features):
+        length = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [0] * (length - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
+
+
+def _trained(trainer) -> tuple[dict[str, torch.Tensor], list[float]]:
+    tensors = {n: p.detach().float().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    terms = [e.get("loss_attn") for e in trainer.state.log_history if "loss" in e]
+    return tensors, losses + terms
+
+
+def run_cls(out: Path, batch: int, steps: int):
+    from tiny_models import tiny_peft_model
+
+    from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("llama", "lora")
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(3, 100, (4 + (i * 5) % 9,), generator=gen).tolist(), "labels": i % 2}
+        for i in range(N_EXAMPLES)
+    ]
+    args = ObliviateTrainingArguments(**_common(out / "cls", batch, steps))
+    trainer = ObliviateTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=_PadCollator()
+    )
+    trainer.train()
+    return trainer
+
+
+def run_sft(out: Path, batch: int, steps: int):
+    from peft import LoraConfig
+    from tiny_models import sft_tokenizer, tiny_causal_lm
+
+    from hf_obliviate import ObliviateSFTConfig, ObliviateSFTTrainer
+
+    tokenizer = sft_tokenizer()
+    model = tiny_causal_lm(len(tokenizer))
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Review {i}: {'fine ' * (i % 3)}film."}],
+            "completion": [{"role": "assistant", "content": "positive" if i % 2 else "negative, " + "so " * i}],
+        }
+        for i in range(N_EXAMPLES)
+    ]
+    args = ObliviateSFTConfig(**_common(out / "sft", batch, steps), bf16=False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0)
+    trainer = ObliviateSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=lora
+    )
+    trainer.train()
+    return trainer
+
+
+def check_sharded_amplification(out: Path) -> None:
+    """FSDP2-style ``DTensor`` shards: the amplification term and its gradient equal those of the whole tensors."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from hf_obliviate.losses import amplification_loss
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    gen = torch.Generator().manual_seed(0)
+    full = [torch.randn(8, 6, generator=gen), torch.randn(6, 8, generator=gen), torch.zeros(4, 6)]
+    whole = [t.clone().requires_grad_(True) for t in full]
+    amplification_loss(whole).backward()
+    sharded = [distribute_tensor(t.clone(), mesh, [Shard(0)]).requires_grad_(True) for t in full]
+    loss = amplification_loss(sharded)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), -sum(torch.linalg.vector_norm(t) for t in full))
+    for shard, reference in zip(sharded, whole):
+        torch.testing.assert_close(shard.grad.full_tensor(), reference.grad)
+    if dist.get_rank() == 0:
+        (out / "dtensor.ok").write_text(f"{loss.item()}")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    if sys.argv[2] == "dtensor":
+        check_sharded_amplification(Path(sys.argv[1]))
+        return
+    out, batch, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    for name, run in (("cls", run_cls), ("sft", run_sft)):
+        trainer = run(out, batch, steps)
+        tensors, logged = _trained(trainer)
+        world = trainer.accelerator.num_processes
+        trainer.save_model()  # the Trainer writes from the main process only
+        if trainer.is_world_process_zero():
+            save_file(tensors, str(out / f"{name}.safetensors"), metadata={"format": "pt"})
+            (out / f"{name}.json").write_text(json.dumps({"logged": logged, "world_size": world}))
+
+
+if __name__ == "__main__":
+    main()
