@@ -119,6 +119,34 @@ def _load(model_dir: Path | None, random_init: bool):
     return AutoModelForSequenceClassification.from_config(config), AutoTokenizer.from_pretrained(path)
 
 
+def measure_pair(plain, defended, make_batch, steps: int, warmup: int, device: torch.device):
+    """Alternate one plain and one defended step per batch; return the median step times and the peak memories.
+
+    ``plain`` and ``defended`` are ``(trainer, model)`` pairs; ``make_batch(i)`` gives the i-th batch (a dict).
+    """
+    times: dict[str, list[float]] = {"plain": [], "defended": []}
+    peaks: dict[str, list[int]] = {"plain": [], "defended": []}
+    for i in range(warmup + steps):
+        data = make_batch(i)
+        for name, (trainer, model) in (("plain", plain), ("defended", defended)):
+            before = _reset_peak(device)
+            start = time.perf_counter()
+            _step(trainer, model, dict(data))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            peak = _static_bytes(model, trainer.optimizer) + _peak_bytes(device) - before
+            if i >= warmup:
+                times[name].append(elapsed)
+                peaks[name].append(peak)
+    return (
+        statistics.median(times["plain"]),
+        statistics.median(times["defended"]),
+        max(peaks["plain"]),
+        max(peaks["defended"]),
+    )
+
+
 def measure_row(
     peft: str,
     batch: int,
@@ -149,23 +177,14 @@ def measure_row(
     defended = ObliviateTrainer(model=defended_model, args=defended_args)
     for trainer in (plain, defended):
         trainer.create_optimizer()
-    times: dict[str, list[float]] = {"plain": [], "defended": []}
-    peaks: dict[str, list[int]] = {"plain": [], "defended": []}
-    for i in range(warmup + steps):
-        data = _batch(tokenizer, batch, seq_len, device, seed=i, texts=texts)
-        for name, trainer, model in (("plain", plain, plain_model), ("defended", defended, defended_model)):
-            before = _reset_peak(device)
-            start = time.perf_counter()
-            _step(trainer, model, data)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            peak = _static_bytes(model, trainer.optimizer) + _peak_bytes(device) - before
-            if i >= warmup:
-                times[name].append(elapsed)
-                peaks[name].append(peak)
-    plain_t, defended_t = statistics.median(times["plain"]), statistics.median(times["defended"])
-    plain_m, defended_m = max(peaks["plain"]), max(peaks["defended"])
+    plain_t, defended_t, plain_m, defended_m = measure_pair(
+        (plain, plain_model),
+        (defended, defended_model),
+        lambda i: _batch(tokenizer, batch, seq_len, device, seed=i, texts=texts),
+        steps,
+        warmup,
+        device,
+    )
     return {
         "model": "MiniLM-L6" + (" (random init)" if random_init else " (bundled)"),
         "peft": peft,

@@ -22,9 +22,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from overhead import _peak_bytes, _reset_peak, _static_bytes, _step, write_results  # noqa: E402
+from overhead import measure_pair, write_results  # noqa: E402
 
 ROWS = [("lora", 4, 128), ("lora", 1, 1024)]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -127,23 +125,14 @@ def measure_row(
     )
     for trainer in (plain, defended):
         trainer.create_optimizer()
-    times: dict[str, list[float]] = {"plain": [], "defended": []}
-    peaks: dict[str, list[int]] = {"plain": [], "defended": []}
-    for i in range(warmup + steps):
-        inputs = _batch(tokenizer, batch, seq_len, device, seed=i, data=data)
-        for name, trainer, model in (("plain", plain, plain_model), ("defended", defended, defended_model)):
-            before = _reset_peak(device)
-            start = time.perf_counter()
-            _step(trainer, model, dict(inputs))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            peak = _static_bytes(model, trainer.optimizer) + _peak_bytes(device) - before
-            if i >= warmup:
-                times[name].append(elapsed)
-                peaks[name].append(peak)
-    plain_t, defended_t = statistics.median(times["plain"]), statistics.median(times["defended"])
-    plain_m, defended_m = max(peaks["plain"]), max(peaks["defended"])
+    plain_t, defended_t, plain_m, defended_m = measure_pair(
+        (plain, plain_model),
+        (defended, defended_model),
+        lambda i: _batch(tokenizer, batch, seq_len, device, seed=i, data=data),
+        steps,
+        warmup,
+        device,
+    )
     return {
         "model": "SmolLM2-135M-Instruct" + (" (random init)" if random_init else " (bundled)"),
         "peft": peft,
