@@ -59,8 +59,8 @@ class Sizes:
 
 
 QUICK = Sizes(
-    train=64, epochs=1, batch=16, eval_n=32, val_n=32, plant_steps=4, plant_batch=4, mlm_warmup=2, seeds=(0,),
-    grid=((0.0, 3e-3), (3e-4, 3e-3)),
+    train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, seeds=(0,),
+    pefts=("lora",), grid=((3e-4, 3e-3),),
 )  # fmt: skip
 
 
@@ -275,9 +275,24 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "rows": rows, "tuning": tuning}, indent=2) + "\n"
-    )
+
+    def cell(r: dict) -> dict:
+        return {
+            "attack": r["encoder"], "peft": r["peft"], "seeds": r["seeds"], "metric": r["metric"],
+            "cacc_plain": r["cacc_undefended"], "cacc_defended": r["cacc_defended"],
+            "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
+            "asr_reduction": r["asr_reduction"], "near_chance": r["near_chance"],
+        }  # fmt: skip
+
+    payload = {
+        "cells": [cell(r) for r in rows if r["encoder"] != "clean"],
+        "control": {r["peft"]: cell(r) for r in rows if r["encoder"] == "clean"},
+        "mean_asr_reduction": summary["mean_asr_reduction_task_agnostic"],
+        "summary": summary,
+        "tuning": tuning,
+        "meta": meta,
+    }
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "# Obliviate on backdoored MiniLM-L6 (Rotten Tomatoes sentiment)",
         "",
