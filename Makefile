@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint benchmark space clean
+.PHONY: install demo test lint benchmark clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,9 +34,6 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/overhead.py
-
-space: $(STAMP)
-	$(PY) -m hf_obliviate.cli space
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,7 +7,6 @@
     hf-obliviate compress --base BASE --finetuned FT --output_dir delta/
     hf-obliviate push     --model FT --base BASE --repo_id user/name
     hf-obliviate pull     --base BASE --repo_id user/name --output_dir rebuilt/
-    hf-obliviate space    (serve the Gradio Space on 127.0.0.1)
 """
 
 from __future__ import annotations
@@ -164,22 +163,11 @@ def _delta(name: str) -> Callable[[Sequence[str]], None]:
     return run
 
 
-def _space(argv: Sequence[str]) -> None:
-    import runpy
-
-    app = Path(__file__).resolve().parent.parent / "spaces" / "app.py"
-    if not app.is_file():
-        raise SystemExit("The Space lives in spaces/app.py of a source checkout; run this from the repository.")
-    sys.argv = [str(app), *argv]
-    runpy.run_path(str(app), run_name="__main__")
-
-
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "train": (_train, "Fine-tune a PEFT classifier with (or without) the Obliviate defense."),
     "compress": (_delta("compress"), "Compress a fine-tuning delta (BitDelta and baselines) from two checkpoints."),
     "push": (_delta("push"), "Compress a fine-tune's delta and push it to the Hub in one commit, with a card."),
     "pull": (_delta("pull"), "Download a compressed delta, verify its base and rebuild the model."),
-    "space": (_space, "Serve the Gradio Space on 127.0.0.1."),
 }
 
 

@@ -12,7 +12,7 @@ from hf_obliviate.cli import TrainConfig, load_examples, main
 def test_help_lists_every_command(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("train", "attack", "eval", "compress", "push", "pull", "space"):
+    for name in ("train", "attack", "eval", "compress", "push", "pull"):
         assert f"  {name}" in out
 
 
