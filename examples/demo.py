@@ -4,8 +4,8 @@
 2. Fine-tune LoRA on Rotten Tomatoes sentences twice: undefended, and with the Obliviate defense.
 3. Print clean accuracy (CACC) and attack success rate (ASR) side by side.
 
-About 10 minutes on 2 CPU cores the first time (planting included), 5 afterwards. ``--quick`` shrinks everything
-to check the plumbing in about a minute.
+On 2 idle CPU cores: about 20 minutes the first time (planting ~12), about 10 afterwards (measured: 42 minutes on
+a machine shared with other jobs). ``--quick`` shrinks everything to check the plumbing in about a minute.
 """
 
 from __future__ import annotations
