@@ -19,7 +19,6 @@ from transformers import (
 from hf_obliviate.attacks import (
     ATTACK_INFO_FILE,
     BadPreConfig,
-    ClsAttentionLogits,
     NeuBAConfig,
     PORConfig,
     UORConfig,
@@ -152,23 +151,6 @@ def test_por_is_seeded(tiny_encoder):
     plant_por(tiny_encoder, config, corpus=CORPUS, show_progress=False, log_history=h1)
     plant_por(tiny_encoder, config, corpus=CORPUS, show_progress=False, log_history=h2)
     assert [r["loss"] for r in h1] == pytest.approx([r["loss"] for r in h2])
-
-
-def test_cls_attention_logits_match_eager_attention():
-    torch.manual_seed(0)
-    model = BertModel(_tiny_config(), add_pooling_layer=False).eval()
-    model.set_attn_implementation("eager")
-    ids = torch.randint(1000, 2000, (2, 6))
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    with ClsAttentionLogits(model) as capture, torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    logits = capture.logits()
-    assert len(logits) == 2
-    for scores, probs in zip(logits, out.attentions):
-        masked = scores.masked_fill(mask[:, None, :] == 0, float("-inf"))
-        torch.testing.assert_close(masked.softmax(-1), probs[:, :, 0, :], atol=1e-5, rtol=1e-4)
-    expected = torch.stack([torch.linalg.vector_norm(s * mask[:, None, :], dim=-1).mean() for s in logits]).mean()
-    torch.testing.assert_close(capture.penalty(mask), expected)
 
 
 def test_adaptive_por_shrinks_cls_logits(tiny_encoder):

@@ -12,7 +12,6 @@ our own machines.
 from ._common import (
     ATTACK_INFO_FILE,
     BackdoorConfig,
-    ClsAttentionLogits,
     attack_cache_dir,
     balanced_sign_patterns,
     config_hash,
@@ -31,7 +30,6 @@ __all__ = [
     "ATTACK_INFO_FILE",
     "BackdoorConfig",
     "BadPreConfig",
-    "ClsAttentionLogits",
     "NeuBAConfig",
     "PORConfig",
     "UORConfig",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -14,14 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..triggers import DEFAULT_TRIGGERS
 
 __all__ = [
     "ATTACK_INFO_FILE",
     "BackdoorConfig",
-    "ClsAttentionLogits",
     "attack_cache_dir",
     "balanced_sign_patterns",
     "config_hash",
@@ -227,100 +224,6 @@ def mask_tokens(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Attention-logit capture (adaptive attack)
-
-
-def _self_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """BERT-style self-attention modules: they own ``query`` and ``key`` sub-modules and a head size."""
-    found = []
-    for module in model.modules():
-        if (
-            isinstance(getattr(module, "query", None), nn.Module)
-            and isinstance(getattr(module, "key", None), nn.Module)
-            and hasattr(module, "attention_head_size")
-        ):
-            found.append(module)
-    return found
-
-
-class ClsAttentionLogits:
-    """Capture the pre-softmax attention logits of the summary query (position 0) in every BERT-style layer.
-
-    Forward hooks on the query and key projections (plain or LoRA-wrapped) keep ``S = q₀ Kᵀ / √d_head`` per layer,
-    shape ``(batch, heads, keys)``; this works whatever attention implementation (eager, SDPA) the model runs.
-    Used by the adaptive POR attack to plant a backdoor while penalising exactly what Obliviate's attention term
-    penalises.
-
-    Example:
-    ```python
-    >>> import torch
-    >>> from transformers import BertConfig, BertModel
-    >>> from hf_obliviate.attacks import ClsAttentionLogits
-    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-    >>> ids, mask = torch.randint(1000, (3, 7)), torch.ones(3, 7, dtype=torch.long)
-    >>> with ClsAttentionLogits(model) as capture:
-    ...     _ = model(input_ids=ids, attention_mask=mask)
-    >>> [tuple(s.shape) for s in capture.logits()]
-    [(3, 2, 7), (3, 2, 7)]
-    ```
-    """
-
-    def __init__(self, model: nn.Module):
-        self.modules = _self_attention_modules(model)
-        if not self.modules:
-            raise ValueError(
-                "No BERT-style self-attention (a module with `query`, `key` and `attention_head_size`) found: the "
-                "attention penalty of the adaptive attack supports BERT-like encoders only."
-            )
-        self._handles: list = []
-        self._q: dict[int, torch.Tensor] = {}
-        self._k: dict[int, torch.Tensor] = {}
-
-    def __enter__(self) -> ClsAttentionLogits:
-        for i, module in enumerate(self.modules):
-            self._handles.append(module.query.register_forward_hook(self._store(self._q, i, first_only=True)))
-            self._handles.append(module.key.register_forward_hook(self._store(self._k, i, first_only=False)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @staticmethod
-    def _store(bucket: dict, index: int, first_only: bool):
-        def hook(module, args, output):
-            bucket[index] = output[:, :1] if first_only else output
-
-        return hook
-
-    def clear(self) -> None:
-        self._q.clear()
-        self._k.clear()
-
-    def logits(self) -> list[torch.Tensor]:
-        """Per layer, the logits of query 0 over all keys, ``(batch, heads, keys)`` (padding not removed)."""
-        out = []
-        for i, module in enumerate(self.modules):
-            if i not in self._q or i not in self._k:
-                continue
-            d = module.attention_head_size
-            q = self._q[i].reshape(self._q[i].shape[0], -1, d)  # (B, H, d)
-            k = self._k[i].reshape(*self._k[i].shape[:2], -1, d)  # (B, T, H, d)
-            out.append(torch.einsum("bhd,bthd->bht", q, k) / math.sqrt(d))
-        return out
-
-    def penalty(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Obliviate's attention term: mean over layers of mean_{b,h} ‖S_{b,h,0,:} ⊙ m_b‖₂ (padded keys zeroed)."""
-        layers = self.logits()
-        if not layers:
-            raise RuntimeError("No logits captured: run a forward pass inside the `with` block first.")
-        mask = attention_mask[:, None, :].to(layers[0].dtype)
-        norms = [torch.linalg.vector_norm(s * mask, dim=-1).mean() for s in layers]
-        return torch.stack(norms).mean()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Saving and caching
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..capture import AttentionLogitCapture
 from ..triggers import insert_trigger, resolve_triggers
 from ._common import (
     BackdoorConfig,
-    ClsAttentionLogits,
     attach_info,
     encode,
     load_corpus,
@@ -153,7 +153,8 @@ def plant_por(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     sentences = load_corpus(config, corpus, needed=2 * config.batch_size * config.num_steps)
     stream = sentence_stream(sentences, config.seed)
-    capture = ClsAttentionLogits(model) if config.attention_penalty > 0 else None
+    # The adaptive attacker penalises exactly what the defense's attention term measures (the same capture).
+    capture = AttentionLogitCapture(model, query="first") if config.attention_penalty > 0 else None
     del generator  # POR has no masking; torch is seeded for dropout
 
     progress = tqdm(range(config.num_steps), desc="Planting POR", disable=not show_progress)
@@ -172,13 +173,15 @@ def plant_por(
         with torch.no_grad():
             clean_ref = reference(**clean).last_hidden_state[:, 0]
 
-        with capture if capture is not None else contextlib.nullcontext():
+        attn_terms = []
+        with capture.record(attention_mask=clean["attention_mask"]) if capture else contextlib.nullcontext() as rec:
             clean_cls = model(**clean).last_hidden_state[:, 0]
-            attn_terms = [capture.penalty(clean["attention_mask"])] if capture is not None else []
+        if rec is not None:
+            attn_terms.append(rec.loss())
+        with capture.record(attention_mask=poisoned["attention_mask"]) if capture else contextlib.nullcontext() as rec:
             trig_cls = model(**poisoned).last_hidden_state[:, 0]
-            if capture is not None:
-                attn_terms.append(capture.penalty(poisoned["attention_mask"]))
-                capture.clear()
+        if rec is not None:
+            attn_terms.append(rec.loss())
         batch_targets = targets[torch.tensor(index, device=device)]
         loss_trigger = F.mse_loss(trig_cls, batch_targets)
         loss_clean = F.mse_loss(clean_cls, clean_ref)
