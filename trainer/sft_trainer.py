@@ -116,17 +116,7 @@ class ObliviateSFTTrainer(ObliviateTrainerMixin, CompressedPushMixin, SFTTrainer
         capture_inputs = self._attention_inputs(inputs)
         if capture_inputs["query_mask"] is None and defense.capture is not None and defense.capture.query == "rows":
             raise ValueError("The SFT attention term needs `labels` in the batch to find the completion tokens.")
-        with defense.track(**capture_inputs) as step:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        task_loss = result[0] if return_outputs else result
-        terms = step.terms()
-        scale = self._extra_terms_scale(num_items_in_batch)
-        penalty = step.penalty(terms) * scale
-        self._record_terms(task_loss / scale, terms)
-        loss = task_loss + penalty.to(task_loss.device)
-        return (loss, result[1]) if return_outputs else loss
+        return self._defended_loss(model, inputs, return_outputs, num_items_in_batch, **capture_inputs)
 
     def _record_terms(self, task_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Per-term metrics through trl's buffer (``self._metrics``), averaged over processes like trl's own."""

@@ -106,6 +106,27 @@ class ObliviateTrainerMixin:
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return 1.0 / steps if scaled else 1.0
 
+    def _defended_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+        **capture_inputs: torch.Tensor | None,
+    ):
+        """The defended training loss shared by both trainers: the parent's task loss computed inside
+        ``defense.track(**capture_inputs)``, plus the weighted terms scaled for gradient accumulation; the task loss is
+        logged per micro-batch (before that scaling)."""
+        with self.obliviate_defense.track(**capture_inputs) as step:
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        terms = step.terms()
+        scale = self._extra_terms_scale(num_items_in_batch)
+        self._record_terms(task_loss / scale, terms)
+        loss = task_loss + (step.penalty(terms) * scale).to(task_loss.device)
+        return (loss, outputs) if return_outputs else loss
+
     def _record_terms(self, task_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         self._obliviate_metrics["loss_task"].append(task_loss.detach().float().mean())
         for name, value in terms.items():
@@ -178,15 +199,9 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
             self._check_sharding()
         if num_items_in_batch is not None and not self._loss_kwargs_checked:
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
-        with defense.track(attention_mask=inputs.get("attention_mask")) as step:
-            task_loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-        terms = step.terms()
-        penalty = step.penalty(terms) * self._extra_terms_scale(num_items_in_batch)
-        self._record_terms(task_loss, terms)
-        loss = task_loss + penalty.to(task_loss.device)
-        return (loss, outputs) if return_outputs else loss
+        return self._defended_loss(
+            model, inputs, return_outputs, num_items_in_batch, attention_mask=inputs.get("attention_mask")
+        )
 
     @torch.no_grad()
     def _check_model_consumes_num_items(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> Any:
