@@ -31,6 +31,7 @@ def main() -> None:
     import torch
 
     from hf_obliviate import ObliviateConfig
+    from hf_obliviate.artifacts import save_artifact
     from hf_obliviate.attacks import get_attack_config, load_attack_info, plant_backdoor
     from hf_obliviate.attacks._common import attack_cache_dir
     from hf_obliviate.bundled import minilm_path
@@ -73,6 +74,14 @@ def main() -> None:
         )
         fine_tune(model, tokenizer, train, training)
         results[name] = evaluate_backdoor(model, tokenizer, eval_set)
+        # The Space probes these two models (a --quick run saves under other names, never over the real ones).
+        info = {
+            "attack": "por", "encoder": str(encoder), "triggers": list(triggers), "defended": defended,
+            "lambda_amp": training.lambda_amp, "lambda_attn": training.lambda_attn,
+            "cacc": results[name].cacc, "asr": results[name].asr,
+        }  # fmt: skip
+        artifact = f"demo{'-quick' if args.quick else ''}-{'defended' if defended else 'undefended'}"
+        print(f"      saved to {save_artifact(model, tokenizer, artifact, 'classifier', info)}")
 
     print(f"\nBackdoored MiniLM-L6 (POR, triggers {', '.join(triggers)}), LoRA on Rotten Tomatoes")
     print(f"{'':<12}{'CACC':>8}{'ASR':>8}")
