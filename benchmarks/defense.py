@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
 PEFTS = ("lora", "prefix", "adapter")
 LEARNING_RATES = {"lora": 5e-4, "prefix": 1e-2, "adapter": 1e-3}
-GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (1e-4, 3e-2), (1e-3, 1e-2))
+GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (0.0, 3e-2))
 
 
 @dataclass
@@ -374,7 +374,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=None, help="Fine-tuning batch size (default 16).")
     parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default 300).")
-    parser.add_argument("--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps).")
+    parser.add_argument(
+        "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
+    )
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -413,13 +415,13 @@ def main() -> None:
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
     encoders: list[tuple[str, Path | None, dict]] = [("clean", None, {})]
     encoders += [(attack, paths[attack], {}) for attack in sizes.attacks]
-    for encoder, path, extra in encoders:
-        for peft in sizes.pefts:
-            for seed in sizes.seeds:
+    # Seed-major order: if a run is cut short, every cell has its first seed before any gets a second.
+    for seed in sizes.seeds:
+        for encoder, path, extra in encoders:
+            for peft in sizes.pefts:
                 for defended in (False, True):
                     journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=defended,
                                 lambdas=lambdas, sizes=sizes, **extra)  # fmt: skip
-    for seed in sizes.seeds:
         for defended in (False, True):
             journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
                         lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip

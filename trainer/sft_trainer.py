@@ -99,24 +99,14 @@ class ObliviateSFTTrainer(ObliviateTrainerMixin, CompressedPushMixin, SFTTrainer
         position_ids = inputs.get("position_ids") if attention_mask is None else None
         return {"attention_mask": attention_mask, "query_mask": query_mask, "position_ids": position_ids}
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor | Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ):
-        defense = self.obliviate_defense
-        if defense is None or not model.training:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        if not getattr(self, "_sharding_checked", False):
-            self._check_sharding()
+    def _defense_inputs(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> tuple[Any, dict[str, torch.Tensor | None]]:
         capture_inputs = self._attention_inputs(inputs)
-        if capture_inputs["query_mask"] is None and defense.capture is not None and defense.capture.query == "rows":
+        capture = self.obliviate_defense.capture
+        if capture_inputs["query_mask"] is None and capture is not None and capture.query == "rows":
             raise ValueError("The SFT attention term needs `labels` in the batch to find the completion tokens.")
-        return self._defended_loss(model, inputs, return_outputs, num_items_in_batch, **capture_inputs)
+        return num_items_in_batch, capture_inputs
 
     def _record_terms(self, task_loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
         """Per-term metrics through trl's buffer (``self._metrics``), averaged over processes like trl's own."""

@@ -27,8 +27,8 @@ TAGS = ["obliviate", "backdoor-defense", "peft"]
 class ObliviateTrainerMixin:
     """The defense logic shared by :class:`ObliviateTrainer` and ``ObliviateSFTTrainer``.
 
-    Subclasses call :meth:`_setup_obliviate` at the end of ``__init__`` and route training forwards through
-    :meth:`_defended_loss`.
+    Subclasses call :meth:`_setup_obliviate` at the end of ``__init__`` and implement :meth:`_defense_inputs`
+    (what the attention capture needs from a batch); :meth:`compute_loss` does the rest.
     """
 
     _tag_names = TAGS
@@ -105,6 +105,29 @@ class ObliviateTrainerMixin:
             )
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         return 1.0 / steps if scaled else 1.0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """The parent's loss; in training with the defense on, plus the Obliviate terms (:meth:`_defended_loss`)."""
+        if self.obliviate_defense is None or not model.training:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if not getattr(self, "_sharding_checked", False):
+            self._check_sharding()
+        num_items_in_batch, capture_inputs = self._defense_inputs(model, inputs, num_items_in_batch)
+        return self._defended_loss(model, inputs, return_outputs, num_items_in_batch, **capture_inputs)
+
+    def _defense_inputs(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> tuple[Any, dict[str, torch.Tensor | None]]:
+        """``(num_items_in_batch, keyword arguments of ObliviateDefense.track)`` for one training batch."""
+        raise NotImplementedError
 
     def _defended_loss(
         self,
@@ -183,25 +206,12 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
         self._setup_obliviate()
         self._loss_kwargs_checked = False
 
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, torch.Tensor | Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ):
-        defense = self.obliviate_defense
-        if defense is None or not model.training:
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        if not getattr(self, "_sharding_checked", False):
-            self._check_sharding()
+    def _defense_inputs(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> tuple[Any, dict[str, torch.Tensor | None]]:
         if num_items_in_batch is not None and not self._loss_kwargs_checked:
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
-        return self._defended_loss(
-            model, inputs, return_outputs, num_items_in_batch, attention_mask=inputs.get("attention_mask")
-        )
+        return num_items_in_batch, {"attention_mask": inputs.get("attention_mask")}
 
     @torch.no_grad()
     def _check_model_consumes_num_items(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> Any:
