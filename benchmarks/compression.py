@@ -1,96 +1,445 @@
-"""Compression benchmark: size and fidelity of BitDelta (k = 1, 2) and the baselines on the bundled MiniLM-L6.
+"""Compression benchmark (METHOD §4): bits per weight, codec throughput next to a plain copy, logit MSE before and
+after scale distillation, and the peak memory of the streaming ``hf-obliviate compress`` command.
 
-The "fine-tune" is synthetic (a seeded low-rank + dense perturbation of every Linear weight, about the relative size of
-a real fine-tuning delta), so the numbers measure the codecs, not the security effect (see METHOD §7 for that).
+Rows:
 
-    python benchmarks/compression.py [--out benchmarks/results/compression.json]
+- ``smollm2-135m``: the bundled SmolLM2-135M-Instruct (fp32) after a short full fine-tune on bundled movie-review
+  sentences; the logit MSE to the fine-tuned model is measured on held-out sentences before and after scale
+  distillation on other sentences.
+- ``llama7b-shaped``: random fp16 matrices with the shapes of Llama-7B decoder layers (q/k/v/o 4096×4096, gate/up
+  11008×4096, down 4096×11008) as base, plus a small random delta. Enough to measure throughput and memory, not a
+  whole 7B model; no logits (``null``).
+
+Throughput is measured in one process, side by side: ``compress`` = ``Δ = W_ft − W_base`` in fp32 + BitDelta k = 1
+encoding (α and packed signs) of every Linear weight; ``decompress`` = ``W_base + α·sign`` back in the checkpoint
+dtype; ``copy`` = ``torch.clone`` of the same fine-tuned tensors. All three divide the bytes of the fine-tuned Linear
+weights (in the checkpoint dtype) by the best of ``--repeats`` wall times. ``peak_mem_ratio`` is the peak resident set
+size of ``hf-obliviate compress BASE FT OUT`` (a subprocess; kernel high-water mark via ``getrusage``) divided by the
+size of the fine-tuned checkpoint (target ≤ 0.5 for SmolLM2); it reads twice that (base and fine-tune).
+
+    python benchmarks/compression.py                # full run, a few minutes on 2 CPU cores
+    python benchmarks/compression.py --quick --out /tmp/c.json   # tiny shapes (the test suite runs this)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import BertModel
+from safetensors.torch import save_file
 
-from hf_obliviate.bundled import minilm_path
-from hf_obliviate.delta import CompressedDelta, compress_checkpoints
+from hf_obliviate.delta import (
+    CompressedDelta,
+    DistillConfig,
+    bitdelta_decode,
+    bitdelta_encode,
+    compress_model,
+    distill_scales,
+    logit_mse,
+)
+from hf_obliviate.delta.checkpoint import linear_weight_names
 
-CONFIGS = [
-    ("bitdelta", {"k": 1}),
-    ("bitdelta", {"k": 2}),
-    ("svd", {"rank": 16}),
-    ("dare", {"p": 0.9}),
-    ("magnitude", {"density": 0.1}),
-]
-
-
-def synthetic_finetune(base_dir: Path, out_dir: Path, seed: int = 0) -> BertModel:
-    gen = torch.Generator().manual_seed(seed)
-    ft = BertModel.from_pretrained(base_dir).eval()
-    with torch.no_grad():
-        for module in ft.modules():
-            if isinstance(module, torch.nn.Linear):
-                w = module.weight
-                scale = 0.01 * w.abs().mean()
-                low = torch.randn(w.shape[0], 8, generator=gen) @ torch.randn(8, w.shape[1], generator=gen) / 8**0.5
-                w.add_(scale * (low + torch.randn(w.shape, generator=gen)))
-    ft.save_pretrained(out_dir)
-    return ft
+RESULTS = Path(__file__).parent / "results" / "compression.json"
+LLAMA7B_LAYER = {  # name -> (d_out, d_in) of one Llama-7B decoder layer's Linear weights
+    "self_attn.q_proj": (4096, 4096),
+    "self_attn.k_proj": (4096, 4096),
+    "self_attn.v_proj": (4096, 4096),
+    "self_attn.o_proj": (4096, 4096),
+    "mlp.gate_proj": (11008, 4096),
+    "mlp.up_proj": (11008, 4096),
+    "mlp.down_proj": (4096, 11008),
+}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "compression.json"))
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    base_dir = minilm_path()
-    ids = torch.randint(1000, 20000, (8, 64), generator=torch.Generator().manual_seed(1))
-    rows = []
+# ------------------------------------------------------------------------------------------------------ helpers
+def _best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def throughput(pairs: list[tuple[torch.Tensor, torch.Tensor]], repeats: int) -> dict[str, float]:
+    """GB/s of BitDelta k=1 compress / decompress and of a plain clone, over the same fine-tuned tensors."""
+    nbytes = sum(ft.numel() * ft.element_size() for _, ft in pairs)
+    encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def compress() -> None:
+        encoded.clear()
+        for base, ft in pairs:
+            encoded.append(bitdelta_encode(ft.float() - base.float(), 1))
+
+    def decompress() -> None:
+        for (base, ft), (signs, alphas) in zip(pairs, encoded):
+            (base.float() + bitdelta_decode(signs, alphas, tuple(ft.shape))).to(ft.dtype)
+
+    def copy() -> None:
+        for _, ft in pairs:
+            ft.clone()
+
+    copy_s = _best_seconds(copy, max(repeats, 3))
+    compress_s = _best_seconds(compress, repeats)
+    decompress_s = _best_seconds(decompress, repeats)
+    copy_s = min(copy_s, _best_seconds(copy, max(repeats, 3)))  # before and after: same machine load
+    gb = nbytes / 1e9
+    return {
+        "compress_gbps": gb / compress_s,
+        "decompress_gbps": gb / decompress_s,
+        "copy_gbps": gb / copy_s,
+        "linear_bytes": nbytes,
+    }
+
+
+def file_copy_gbps(folder: Path, repeats: int = 2) -> float:
+    """GB/s of copying a checkpoint's safetensors files (page cache warm): a reference for the streaming command."""
+    files = sorted(folder.glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        ft = synthetic_finetune(base_dir, tmp / "ft")
-        base = BertModel.from_pretrained(base_dir).eval()
-        with torch.no_grad():
-            want = ft(input_ids=ids).last_hidden_state
-            base_mse = float(((base(input_ids=ids).last_hidden_state - want) ** 2).mean())
-        for method, kw in CONFIGS:
-            t0 = time.perf_counter()
-            out = compress_checkpoints(base_dir, tmp / "ft", tmp / f"{method}{kw}", method, progress=False, **kw)
-            seconds = time.perf_counter() - t0
-            delta = CompressedDelta.load(out)
-            rebuilt = delta.apply(BertModel.from_pretrained(base_dir).eval())
-            with torch.no_grad():
-                mse = float(((rebuilt(input_ids=ids).last_hidden_state - want) ** 2).mean())
-            size = delta.size_report()
-            files = sum(p.stat().st_size for p in out.glob("delta-*.safetensors"))
-            rows.append(
-                {
-                    "method": method,
-                    **kw,
-                    "file_bytes": files,
-                    "ratio_vs_dense_fp16": size["ratio_vs_dense_fp16"],
-                    "bits_per_linear_weight": size["bits_per_linear_weight"],
-                    "rel_error_mean": delta.stats["rel_error"]["mean"],
-                    "hidden_mse": mse,
-                    "hidden_mse_base": base_mse,
-                    "compress_seconds": round(seconds, 2),
-                }
-            )
-    print(f"{'method':<27}{'bytes':>12}{'ratio':>8}{'bits/w':>8}{'rel err':>9}{'hidden MSE':>12}")
-    for r in rows:
-        name = r["method"] + str({k: r[k] for k in ("k", "rank", "p", "density") if k in r})
-        print(
-            f"{name:<27}{r['file_bytes']:>12}{r['ratio_vs_dense_fp16']:>8.2f}"
-            f"{(r['bits_per_linear_weight'] or 0):>8.2f}{r['rel_error_mean']:>9.3f}{r['hidden_mse']:>12.3g}"
+
+        def run() -> None:
+            for f in files:
+                shutil.copyfile(f, Path(tmp) / f.name)
+
+        return nbytes / 1e9 / _best_seconds(run, repeats)
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "hf-obliviate"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "hf_obliviate.cli"]
+
+
+def streaming_peak_rss(base: Path, ft: Path, out: Path) -> dict[str, Any]:
+    """Runs ``hf-obliviate compress`` in a child process; returns its peak RSS (kernel high-water mark) and time."""
+    cmd = _cli() + ["compress", "--base", str(base), "--finetuned", str(ft), "--output_dir", str(out)]
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "t0 = time.perf_counter()\n"
+        "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+        "peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"  # KiB on Linux
+        "print(rc, peak * 1024, time.perf_counter() - t0)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env, check=True)
+    rc, peak, seconds = proc.stdout.split()
+    if int(rc) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+    ft_bytes = checkpoint_bytes(ft)
+    return {
+        "command": " ".join(["hf-obliviate", *cmd[len(_cli()) :]]),
+        "peak_rss_bytes": int(peak),
+        "checkpoint_bytes_read": checkpoint_bytes(base) + ft_bytes,
+        "finetuned_checkpoint_bytes": ft_bytes,
+        "peak_mem_ratio": int(peak) / ft_bytes,
+        "seconds": float(seconds),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2 row
+def _byte_ids(texts: list[str], seq_len: int, n: int, vocab: int) -> torch.Tensor:
+    data = " ".join(texts).encode()
+    ids = torch.tensor(list(data[: n * seq_len]), dtype=torch.long) % vocab
+    return ids.reshape(n, seq_len)
+
+
+def _token_windows(tokenizer, texts: list[str], seq_len: int, n: int) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= n * seq_len:
+            break
+    if len(ids) < n * seq_len:
+        raise ValueError(f"Not enough text for {n} windows of {seq_len} tokens.")
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+
+
+def finetuned_lm_row(tmp: Path, quick: bool, args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Few-step full fine-tune of a causal LM on movie-review sentences, then all the measurements."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from hf_obliviate.data import load_movie_reviews
+
+    texts = [r["text"] for r in load_movie_reviews("train", n=2000, seed=0)]
+    held_out = [r["text"] for r in load_movie_reviews("validation", n=200, seed=0)]
+    seq = 32 if quick else 64
+    if quick:  # a tiny random Llama with byte "tokens": no model download or conversion
+        cfg = LlamaConfig(
+            hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=256, tie_word_embeddings=True,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        LlamaForCausalLM(cfg).save_pretrained(tmp / "base")
+        base_dir, case = tmp / "base", "tiny-llama (quick)"
+        train = _byte_ids(texts, seq, 4 * args.ft_steps, 256)
+        calib = _byte_ids(texts[1000:], seq, 32, 256)
+        evals = _byte_ids(held_out, seq, 8, 256)
+    else:
+        from transformers import AutoTokenizer
+
+        from hf_obliviate.smollm import smollm2_path
+
+        base_dir, case = smollm2_path(), "smollm2-135m"
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        train = _token_windows(tokenizer, texts, seq, 4 * args.ft_steps)
+        calib = _token_windows(tokenizer, texts[1000:], seq, args.calib_windows)
+        evals = _token_windows(tokenizer, held_out, seq, 16)
+
+    load = dict(dtype=torch.float32)
+    ft = AutoModelForCausalLM.from_pretrained(base_dir, **load)
+    ft.train()
+    opt = torch.optim.AdamW(ft.parameters(), lr=args.ft_lr)
+    t0 = time.perf_counter()
+    for step in range(args.ft_steps):
+        batch = train[4 * step : 4 * step + 4]
+        loss = ft(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ft_seconds = time.perf_counter() - t0
+    ft.eval()
+    del opt
+    ft.save_pretrained(tmp / "ft")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **load).eval()
+
+    delta = compress_model(base, ft, "bitdelta", k=1, progress=False)
+    size = delta.size_report()
+    rebuilt = delta.apply(AutoModelForCausalLM.from_pretrained(base_dir, **load).eval())
+    mse_base = logit_mse(base, ft, evals)
+    mse_initial = logit_mse(rebuilt, ft, evals)
+    del rebuilt
+    distill_cfg = DistillConfig(
+        steps=args.distill_steps, batch_size=4, lr=args.distill_lr, num_sequences=calib.shape[0], seq_len=seq
+    )
+    t0 = time.perf_counter()
+    distilled = distill_scales(delta, base, ft, calib, distill_cfg, progress=False)
+    distill_seconds = time.perf_counter() - t0
+    rebuilt = distilled.apply(AutoModelForCausalLM.from_pretrained(base_dir, **load).eval())
+    mse_distilled = logit_mse(rebuilt, ft, evals)
+    del rebuilt
+
+    linear = sorted(linear_weight_names(ft))
+    base_state, ft_state = base.state_dict(), ft.state_dict()
+    pairs = [(base_state[n].detach(), ft_state[n].detach()) for n in linear]
+    speed = throughput(pairs, args.repeats)
+    stream = streaming_peak_rss(Path(base_dir), tmp / "ft", tmp / "delta-lm")
+    streamed = CompressedDelta.load(tmp / "delta-lm")
+    assert streamed.modules == delta.modules
+    row = {
+        "case": case,
+        "bits_per_weight": size["bits_per_linear_weight"],
+        "compress_gbps": speed["compress_gbps"],
+        "decompress_gbps": speed["decompress_gbps"],
+        "copy_gbps": speed["copy_gbps"],
+        "logit_mse_initial": mse_initial,
+        "logit_mse_distilled": mse_distilled,
+        "peak_mem_ratio": stream["peak_mem_ratio"],
+    }
+    meta = {
+        "model": str(base_dir) if quick else "bundled SmolLM2-135M-Instruct (fp32, dequantised Q4_1 GGUF)",
+        "linear_matrices": len(linear),
+        "linear_weights": size["linear_weights"],
+        "linear_bytes": speed["linear_bytes"],
+        "dtype": "float32",
+        "ratio_vs_dense_fp16_whole_delta": size["ratio_vs_dense_fp16"],
+        "finetune": {
+            "data": "bundled Rotten Tomatoes train sentences",
+            "steps": args.ft_steps,
+            "batch": 4,
+            "seq_len": seq,
+            "optimizer": f"AdamW lr {args.ft_lr}",
+            "seconds": ft_seconds,
+        },
+        "logit_mse": {
+            "eval": f"{evals.shape[0]} held-out windows × {seq} tokens (validation sentences)",
+            "base_vs_finetuned": mse_base,
+        },
+        "distillation": {
+            "calibration": f"{calib.shape[0]} windows × {seq} tokens (train sentences not used by the fine-tune)",
+            "steps": args.distill_steps,
+            "batch": 4,
+            "lr": args.distill_lr,
+            "seconds": distill_seconds,
+        },
+        "streaming_compress": stream,
+        "file_copy_gbps": file_copy_gbps(tmp / "ft"),
+    }
+    return row, meta
+
+
+# ----------------------------------------------------------------------------------------- Llama-7B-shaped row
+def llama_shaped_row(tmp: Path, quick: bool, args) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Random fp16 matrices with Llama-7B layer shapes, base + small delta; two checkpoints on disk."""
+    shapes = {k: (v[0] // 16, v[1] // 16) for k, v in LLAMA7B_LAYER.items()} if quick else LLAMA7B_LAYER
+    gen = torch.Generator().manual_seed(0)
+    base_state, ft_state = {}, {}
+    for layer in range(args.layers):
+        for name, shape in shapes.items():
+            key = f"model.layers.{layer}.{name}.weight"
+            w = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
+            base_state[key] = w
+            ft_state[key] = (w.float() + torch.randn(shape, generator=gen) * 1e-3).to(torch.float16)
+    for folder, state in (("base7b", base_state), ("ft7b", ft_state)):
+        (tmp / folder).mkdir()
+        save_file(state, str(tmp / folder / "model.safetensors"), metadata={"format": "pt"})
+    names = sorted(base_state)
+    pairs = [(base_state[n], ft_state[n]) for n in names]
+    speed = throughput(pairs, args.repeats)
+    stream = streaming_peak_rss(tmp / "base7b", tmp / "ft7b", tmp / "delta7b")
+    streamed = CompressedDelta.load(tmp / "delta7b")
+    size = streamed.size_report()
+    row = {
+        "case": "llama7b-shaped" + (" (quick: 1/16 sizes)" if quick else ""),
+        "bits_per_weight": size["bits_per_linear_weight"],
+        "compress_gbps": speed["compress_gbps"],
+        "decompress_gbps": speed["decompress_gbps"],
+        "copy_gbps": speed["copy_gbps"],
+        "logit_mse_initial": None,
+        "logit_mse_distilled": None,
+        "peak_mem_ratio": stream["peak_mem_ratio"],
+    }
+    meta = {
+        "layers": args.layers,
+        "shapes": {k: list(v) for k, v in shapes.items()},
+        "linear_matrices": len(names),
+        "linear_weights": size["linear_weights"],
+        "linear_bytes": speed["linear_bytes"],
+        "dtype": "float16",
+        "delta": "N(0, 1e-3) added to N(0, 0.02) base weights, stored in fp16",
+        "streaming_compress": stream,
+        "file_copy_gbps": file_copy_gbps(tmp / "ft7b"),
+    }
+    return row, meta
+
+
+# ------------------------------------------------------------------------------------------------------ output
+def write_markdown(result: dict, path: Path) -> None:
+    def fmt(v, digits=3):
+        if v is None:
+            return "n/a"
+        return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+    lines = [
+        "# Delta compression benchmark (BitDelta k = 1)",
+        "",
+        f"{result['meta']['device']}, torch {result['meta']['torch']}. Throughput: GB of fine-tuned Linear weights "
+        "(checkpoint dtype) per second, best of repeats, in one process next to a plain `torch.clone` of the same "
+        "tensors. Peak memory: peak RSS of the streaming `hf-obliviate compress` command / bytes of the fine-tuned "
+        "checkpoint (it reads base and fine-tune; target ≤ 0.5 for SmolLM2).",
+        "",
+        "| case | bits/weight | compress GB/s | decompress GB/s | copy GB/s | logit MSE | logit MSE distilled | "
+        "peak mem ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['case']} | {r['bits_per_weight']:.4f} | {fmt(r['compress_gbps'])} | {fmt(r['decompress_gbps'])} | "
+            f"{fmt(r['copy_gbps'])} | {fmt(r['logit_mse_initial'])} | {fmt(r['logit_mse_distilled'])} | "
+            f"{r['peak_mem_ratio']:.3f} |"
         )
-    print(f"(base model hidden MSE to the fine-tune: {rows[0]['hidden_mse_base']:.3g})")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": "bundled MiniLM-L6", "rows": rows}, indent=2) + "\n")
+    lines += ["", f"Regenerate: `{result['meta']['command']}`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - optional
+        return
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.25
+    for i, (key, label) in enumerate(
+        [("compress_gbps", "compress"), ("decompress_gbps", "decompress"), ("copy_gbps", "copy (clone)")]
+    ):
+        ax.bar([j + (i - 1) * width for j in range(len(rows))], [r[key] for r in rows], width, label=label)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['case']}\n{r['bits_per_weight']:.3f} bits/w" for r in rows])
+    ax.set_ylabel("GB/s (fine-tuned Linear weights)")
+    ax.set_yscale("log")
+    ax.set_title(f"BitDelta k=1 throughput ({result['meta']['device']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(RESULTS), help="JSON path; the .md and .png are written next to it.")
+    parser.add_argument("--quick", action="store_true", help="Tiny shapes (seconds): for the test suite.")
+    parser.add_argument("--layers", type=int, default=None, help="Llama-7B-shaped decoder layers (default 2).")
+    parser.add_argument("--ft_steps", type=int, default=None, help="Fine-tuning steps (default 10; quick 3).")
+    parser.add_argument("--ft_lr", type=float, default=None, help="Fine-tuning lr (default 1e-4; quick 1e-3).")
+    parser.add_argument("--distill_steps", type=int, default=None, help="Distillation steps (default 30; quick 5).")
+    parser.add_argument("--distill_lr", type=float, default=1e-5, help="Scale-distillation AdamW lr.")
+    parser.add_argument("--repeats", type=int, default=None, help="Timing repeats (default 2; quick 1).")
+    parser.add_argument("--calib_windows", type=int, default=64, help="Distillation calibration windows.")
+    parser.add_argument("--only", choices=["lm", "llama7b_shaped"], default=None, help="Run one row only.")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.layers = args.layers if args.layers is not None else 1 if quick else 2
+    args.ft_steps = args.ft_steps if args.ft_steps is not None else 3 if quick else 10
+    args.ft_lr = args.ft_lr if args.ft_lr is not None else 1e-3 if quick else 1e-4
+    args.distill_steps = args.distill_steps if args.distill_steps is not None else 5 if quick else 30
+    args.repeats = args.repeats if args.repeats is not None else 1 if quick else 2
+    torch.manual_seed(0)
+    rows, metas = [], {}
+    with tempfile.TemporaryDirectory(prefix="obliviate-bench-") as tmp:
+        tmp = Path(tmp)
+        for fn, key in ((finetuned_lm_row, "lm"), (llama_shaped_row, "llama7b_shaped")):
+            if args.only not in (None, key):
+                continue
+            t0 = time.perf_counter()
+            row, meta = fn(tmp, quick, args)
+            meta["seconds_total"] = time.perf_counter() - t0
+            rows.append(row)
+            metas[key] = meta
+            print(json.dumps(row), flush=True)
+    shown = [a for a in (argv if argv is not None else sys.argv[1:])]
+    result = {
+        "rows": rows,
+        "meta": {
+            **metas,
+            "device": f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "quick": quick,
+            "method": "bitdelta k=1",
+            "command": " ".join(["python benchmarks/compression.py", *shown]),
+            "definitions": {
+                "bits_per_weight": "8 × bytes of the packed signs and scales / number of compressed Linear weights",
+                "compress_gbps": "fine-tuned Linear bytes / s for Δ = W_ft − W_base (fp32) + BitDelta encoding",
+                "decompress_gbps": "fine-tuned Linear bytes / s for W_base + α·sign back in the checkpoint dtype",
+                "copy_gbps": "fine-tuned Linear bytes / s for torch.clone of the same tensors (same run)",
+                "logit_mse": "mean squared logit difference to the fine-tuned model on held-out text",
+                "peak_mem_ratio": "peak RSS of `hf-obliviate compress` / bytes of the fine-tuned checkpoint",
+            },
+        },
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, out.with_suffix(".md"))
+    write_plot(result, out.with_suffix(".png"))
+    return result
 
 
 if __name__ == "__main__":

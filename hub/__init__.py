@@ -1,7 +1,9 @@
-"""Compressed safe deltas on the Hugging Face Hub: push (one commit + model card) and verified load."""
+"""Compressed safe deltas on the Hugging Face Hub: push (one commit + model card), verified load, and a local
+Hub-compatible endpoint for development and tests ([`LocalHub`])."""
 
 from .card import build_model_card
 from .load import download_delta, load_compressed
+from .local import LocalHub
 from .push import (
     HubAuthError,
     build_delta_folder,
@@ -13,6 +15,7 @@ from .push import (
 
 __all__ = [
     "HubAuthError",
+    "LocalHub",
     "build_delta_folder",
     "build_model_card",
     "download_delta",

@@ -1,4 +1,5 @@
-"""``hf-obliviate compress`` / ``push`` / ``pull``: one config dataclass and one function each (HfArgumentParser)."""
+"""``hf-obliviate compress`` / ``push`` / ``pull`` / ``hub serve``: one config dataclass and one function each
+(HfArgumentParser)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CompressConfig", "PullConfig", "PushConfig", "compress_main", "pull_main", "push_main"]
+__all__ = [
+    "CompressConfig",
+    "PullConfig",
+    "PushConfig",
+    "ServeConfig",
+    "compress_main",
+    "pull_main",
+    "push_main",
+    "serve_main",
+]
 
 _METHODS = ("bitdelta", "svd", "dare", "magnitude")
 
@@ -129,6 +139,36 @@ class PullConfig:
                 raise ValueError(f"--{name} is required.")
 
 
+@dataclass
+class ServeConfig:
+    """Options of ``hf-obliviate hub serve``: a local Hub-compatible endpoint for development and tests.
+
+    Example:
+
+    ```python
+    >>> from hf_obliviate.hub.cli import ServeConfig
+    >>> ServeConfig(root="hub-data").host
+    '127.0.0.1'
+
+    ```
+    """
+
+    root: str = field(default=None, metadata={"help": "Folder holding the repos (created if missing, kept on exit)."})
+    port: int = field(default=8765, metadata={"help": "TCP port (0 picks a free one)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Interface to bind; keep the loopback (no TLS)."})
+    token: str | None = field(
+        default=None,
+        metadata={"help": "Require this token (Authorization: Bearer) for writes, whoami and private repos."},
+    )
+    user: str = field(default="local-user", metadata={"help": "User name reported by whoami."})
+
+    def __post_init__(self):
+        if not self.root:
+            raise ValueError("--root is required (the folder that stores the repos).")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}.")
+
+
 def compress_main(cfg: CompressConfig) -> Path:
     """Runs ``hf-obliviate compress``; returns the delta folder."""
     from hf_obliviate.delta import compress_checkpoints
@@ -180,3 +220,33 @@ def pull_main(cfg: PullConfig) -> Path:
     model.save_pretrained(cfg.output_dir)
     print(f"Rebuilt model saved to {cfg.output_dir}")
     return Path(cfg.output_dir)
+
+
+def serve_main(cfg: ServeConfig, ready: Any = None) -> None:
+    """Runs ``hf-obliviate hub serve`` until interrupted (Ctrl-C or SIGTERM).
+
+    Prints ``HF_ENDPOINT=<url>`` on its own line once the port is bound. ``ready``, if given, is called with the
+    running [`~hf_obliviate.hub.local.LocalHub`] (for embedding).
+    """
+    import logging
+    import signal
+    import threading
+
+    from .local import LocalHub
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with LocalHub(cfg.root, host=cfg.host, port=cfg.port, require_token=cfg.token, user=cfg.user) as hub:
+        auth = "a token is required for writes" if cfg.token else "no token required (anyone on this host may write)"
+        print(f"Local Hub endpoint for development and tests, serving {hub.root} ({auth}).")
+        print(f"HF_ENDPOINT={hub.endpoint}", flush=True)
+        if ready is not None:
+            ready(hub)
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    print("Local Hub stopped; the repos stay in", cfg.root, flush=True)

@@ -94,7 +94,7 @@ def load_compressed(
     ```
     """
     folder = download_delta(repo_id_or_dir, revision, token)
-    meta = read_delta_metadata(folder)
+    meta = read_delta_metadata(folder, verify=verify)
     expected = meta["base_fingerprint"]
     if isinstance(base_model, torch.nn.Module):
         model = base_model

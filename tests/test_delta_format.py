@@ -17,6 +17,7 @@ from hf_obliviate.delta import (
     UnsupportedFormatVersionError,
     compress_model,
 )
+from hf_obliviate.delta.format import metadata_checksum
 from hf_obliviate.hub import load_compressed, push_compressed_delta
 
 
@@ -114,6 +115,10 @@ def test_shape_mismatch_refused(delta_dir):
     meta = json.loads(path.read_text())
     name = "encoder.layer.0.attention.self.query.weight"
     meta["entries"][name]["shape"] = [16, 32]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CorruptDeltaError, match="own checksum"):  # a hand edit breaks the metadata checksum
+        CompressedDelta.load(tmp_path / "delta")
+    meta["metadata_sha256"] = metadata_checksum(meta)  # a consistently written file with a wrong shape
     path.write_text(json.dumps(meta))
     with pytest.raises(ShapeMismatchError, match=name):
         CompressedDelta.load(tmp_path / "delta")

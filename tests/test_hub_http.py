@@ -1,6 +1,7 @@
-"""Real HTTP round trip against a local Hub-compatible server on 127.0.0.1 (tests/hub_server.py).
+"""Real HTTP round trips against the packaged local Hub endpoint (`hf_obliviate.hub.local.LocalHub`) on 127.0.0.1.
 
-huggingface_hub reads HF_ENDPOINT at import time, so the client side runs in a subprocess with the server's URL.
+huggingface_hub reads HF_ENDPOINT at import time, so the client side runs in a subprocess with the server's URL; the
+server runs in a thread of the test process and stores its repos under tmp_path.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import FakeHub  # noqa: E402
+from hf_obliviate.hub.local import LocalHub
 
 TOKEN = "hf_local_test_token"
 
 
-def _run(code: str, hub: FakeHub, tmp_path: Path, token: str | None) -> subprocess.CompletedProcess:
+def _run(
+    code: str, hub: LocalHub, tmp_path: Path, token: str | None, home: str = "hf_home"
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update(
-        HF_ENDPOINT=hub.url,
+        HF_ENDPOINT=hub.endpoint,
         HF_HUB_OFFLINE="0",
-        HF_HOME=str(tmp_path / "hf_home"),  # no stored token, an empty cache
+        HF_HOME=str(tmp_path / home),  # no stored token, an empty cache
         HF_HUB_DISABLE_TELEMETRY="1",
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
@@ -74,18 +76,23 @@ def test_push_and_pull_over_http(checkpoints):
         print("RESULT", json.dumps({{"equal": bool(torch.equal(a, b)), "to_ft": float((a - c).norm()),
                                      "base_to_ft": float((d - c).norm())}}))
     """
-    with FakeHub(require_token=TOKEN) as hub:
+    with LocalHub(tmp_path / "hub", require_token=TOKEN) as hub:
         proc = _run(code, hub, tmp_path, TOKEN)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        repo = hub.repos["alice/tiny-delta"]
+        commits = hub.commits("alice/tiny-delta")
+        readme = hub.read_file("alice/tiny-delta", "README.md")
         paths = [p for _, p in hub.requests]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert result["equal"] and result["to_ft"] < result["base_to_ft"]
-    assert len(repo.commits) == 1  # one atomic commit with every file
-    assert repo.commits[0]["files"] == ["README.md", "delta-00001-of-00001.safetensors", "obliviate_delta.json"]
+    # one atomic commit with every file, on top of the repo's initial (empty) commit
+    assert [c["changed"] for c in commits] == [
+        ["README.md", "delta-00001-of-00001.safetensors", "obliviate_delta.json"],
+        [],
+    ]
+    assert proc.stdout.split("COMMIT", 1)[1].split()[0] == commits[0]["oid"]
     assert "/api/models/alice/tiny-delta/commit/main" in paths
     assert any(p.startswith("/alice/tiny-delta/resolve/") for p in paths)
-    assert b"library_name: hf-obliviate" in repo.files["README.md"]
+    assert b"library_name: hf-obliviate" in readme
 
 
 def test_push_without_token_fails_clearly(checkpoints):
@@ -101,9 +108,9 @@ def test_push_without_token_fails_clearly(checkpoints):
         except HubAuthError as err:
             print("BAD_TOKEN", err)
     """
-    with FakeHub(require_token=TOKEN) as hub:
+    with LocalHub(tmp_path / "hub", require_token=TOKEN) as hub:
         proc = _run(code, hub, tmp_path, token=None)
-        assert "alice/x" not in hub.repos
+        assert hub.repo_ids() == []  # nothing was created
     assert proc.returncode == 0, proc.stderr[-4000:]
     message = proc.stdout.split("AUTH_ERROR", 1)[1].split("END")[0]
     assert "no Hugging Face token was found" in message
@@ -136,9 +143,53 @@ def test_trainer_push_over_http(checkpoints):
         trainer.train()
         print("COMMIT", trainer.push_to_hub().oid)
     """
-    with FakeHub(require_token=TOKEN) as hub:
+    with LocalHub(tmp_path / "hub", require_token=TOKEN) as hub:
         proc = _run(code, hub, tmp_path, TOKEN)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        repo = hub.repos["alice/trained"]
-    assert [c["files"] for c in repo.commits] == [["README.md", "delta-00001-of-00001.safetensors",
-                                                    "obliviate_delta.json"]]  # fmt: skip
+        commits = hub.commits("alice/trained")
+        files = hub.list_files("alice/trained")
+    assert [c["changed"] for c in commits[:-1]] == [["README.md", "delta-00001-of-00001.safetensors",
+                                                     "obliviate_delta.json"]]  # fmt: skip
+    assert files == ["README.md", "delta-00001-of-00001.safetensors", "obliviate_delta.json"]  # no full weights
+
+
+def test_restart_keeps_repos_and_revisions(checkpoints):
+    """Repos live on disk: a new server on the same folder serves the same files, commits and old revisions."""
+    from hf_obliviate.hub import build_delta_folder
+
+    tmp_path = checkpoints
+    folder = build_delta_folder(str(tmp_path / "ft"), str(tmp_path / "base"), tmp_path / "delta", progress=False)
+    upload = f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo("alice/kept")
+        first = api.upload_folder(repo_id="alice/kept", folder_path={str(folder)!r}).oid
+        second = api.upload_file(path_or_fileobj=b"# edited card", path_in_repo="README.md", repo_id="alice/kept").oid
+        print("OIDS", first, second)
+    """
+    with LocalHub(tmp_path / "hub", require_token=TOKEN) as hub:
+        proc = _run(upload, hub, tmp_path, TOKEN, home="home_upload")
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = proc.stdout.split("OIDS", 1)[1].split()[:2]
+    load = f"""
+        import json, torch
+        from huggingface_hub import hf_hub_download
+        from hf_obliviate.hub import load_compressed
+        base = {str(tmp_path / "base")!r}
+        ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            got = load_compressed(base, "alice/kept")(input_ids=ids).logits
+            want = load_compressed(base, {str(folder)!r})(input_ids=ids).logits
+        old = open(hf_hub_download("alice/kept", "README.md", revision={first!r})).read()
+        new = open(hf_hub_download("alice/kept", "README.md")).read()
+        print("RESULT", json.dumps({{"equal": bool(torch.equal(got, want)), "old": old, "new": new}}))
+    """
+    with LocalHub(tmp_path / "hub", require_token=TOKEN) as hub:  # a fresh server process state, same folder
+        assert hub.repo_ids() == ["alice/kept"]
+        proc = _run(load, hub, tmp_path, TOKEN, home="home_load")  # an empty client cache
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        history = [c["oid"] for c in hub.commits("alice/kept")]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["equal"]
+    assert "library_name: hf-obliviate" in result["old"] and result["new"] == "# edited card"
+    assert history[:2] == [second, first] and len(history) == 3  # + the initial commit

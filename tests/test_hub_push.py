@@ -145,3 +145,57 @@ def test_cli_functions(base_and_ft):
         CompressConfig(base="a", finetuned="b", output_dir="c", k=0)
     with pytest.raises(ValueError, match="--lora must be"):
         PushConfig(model="a", repo_id="b", lora="both")
+
+
+def test_trainer_push_distills_scales_on_calibration_text(tmp_path):
+    """delta_distill_steps > 0: the push trains the scales on (bundled IMDB) calibration text and the card warns."""
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.bundled import minilm_path
+    from hf_obliviate.trainer import ObliviateTrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    dry = tmp_path / "pushed"
+    args = ObliviateTrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+        report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", push_to_hub=True,
+        hub_model_id="me/distilled", delta_compression="bitdelta", delta_dry_run_dir=str(dry),
+        delta_distill_steps=6, delta_distill_lr=1e-3, delta_calibration_sequences=8, delta_calibration_seq_len=16,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(0, 2000, (8,), generator=g)), "labels": ids} for _ in range(12)]
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    trainer = _Trainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    trainer.push_to_hub()
+
+    meta = json.loads((dry / "obliviate_delta.json").read_text())
+    assert meta["distillation"]["steps"] == 6 and meta["distillation"]["lr"] == 1e-3
+    assert meta["distillation"]["num_sequences"] == 8 and meta["distillation"]["seq_len"] == 16
+    stats = meta["stats"]
+    assert stats["logit_mse"] < stats["logit_mse_before_distillation"]  # the scales were trained
+    # the stored scales are no longer the plain BitDelta ones (mean |Δ|)
+    delta = CompressedDelta.load(dry)
+    name = delta.modules[0]
+    base_w = LlamaForCausalLM.from_pretrained(tmp_path / "base").state_dict()[name]
+    plain_alpha = (trainer.model.state_dict()[name].cpu() - base_w).abs().mean()
+    assert not torch.allclose(delta.entries[name].tensors["alpha"][0], plain_alpha, rtol=1e-4)
+    card = ModelCard.load(dry / "README.md").text
+    assert "Warnings" in card and "distilled" in card and "METHOD §7" in card
+    assert load_compressed(str(tmp_path / "base"), dry) is not None  # the distilled delta loads and verifies
+
+    # calibration sources: explicit texts win; then a file with a column; a tokenizer is required
+    args.delta_calibration_texts = ["a first text", "a second one"]
+    assert trainer.delta_calibration_texts() == ["a first text", "a second one"]
+    args.delta_calibration_texts = None
+    (tmp_path / "calib.jsonl").write_text('{"body": "one"}\n{"body": "two"}\n')
+    args.delta_calibration_dataset, args.delta_calibration_column = str(tmp_path / "calib.jsonl"), "body"
+    assert trainer.delta_calibration_texts() == ["one", "two"]
+    trainer.processing_class = None
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        trainer._delta_distillation()

@@ -29,6 +29,23 @@ class DeltaPushArguments:
         default=0,
         metadata={"help": "Scale-distillation steps on calibration text (0: off; distillation can restore triggers)."},
     )
+    delta_distill_lr: float = field(default=1e-4, metadata={"help": "Scale-distillation AdamW learning rate."})
+    delta_calibration_texts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Calibration texts for scale distillation (default: bundled IMDB sentences)."},
+    )
+    delta_calibration_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Calibration data for scale distillation: a .txt (one text per line), .jsonl or .csv file, or a "
+            "`datasets` folder saved with save_to_disk (column: delta_calibration_column)."
+        },
+    )
+    delta_calibration_column: str = field(default="text", metadata={"help": "Text column of the calibration data."})
+    delta_calibration_sequences: int = field(
+        default=800, metadata={"help": "Calibration sequences for scale distillation (METHOD §4: 800)."}
+    )
+    delta_calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration sequence."})
     delta_base_model: str | None = field(
         default=None, metadata={"help": "Base model id or path the delta applies to (default: config._name_or_path)."}
     )
@@ -45,6 +62,10 @@ class DeltaPushArguments:
             raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
         if self.delta_distill_steps < 0:
             raise ValueError(f"delta_distill_steps must be >= 0, got {self.delta_distill_steps}.")
+        if self.delta_calibration_sequences < 1 or self.delta_calibration_seq_len < 2:
+            raise ValueError("delta_calibration_sequences must be >= 1 and delta_calibration_seq_len >= 2.")
+        if self.delta_calibration_texts is not None and self.delta_calibration_dataset is not None:
+            raise ValueError("Pass delta_calibration_texts or delta_calibration_dataset, not both.")
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:
             parent()

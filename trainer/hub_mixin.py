@@ -20,10 +20,18 @@ class CompressedPushMixin:
     every push is the Trainer's own. Only the main process uploads.
 
     Training-argument fields read (all optional, via ``getattr``): ``delta_compression`` (``None`` or
-    ``"bitdelta"``), ``delta_k`` (1), ``delta_distill_steps`` (0; distillation needs calibration ids, so the mixin
-    only records the request), ``delta_base_model`` (defaults to the model's ``config._name_or_path``),
-    ``delta_dry_run_dir`` (write the files there, upload nothing). Subclasses may override
-    [`~CompressedPushMixin.delta_card_info`] to put defense settings and evaluation results in the card.
+    ``"bitdelta"``), ``delta_k`` (1), ``delta_distill_steps`` (0), ``delta_distill_lr`` (1e-4), the calibration
+    text ``delta_calibration_texts`` / ``delta_calibration_dataset`` + ``delta_calibration_column`` (default: bundled
+    IMDB sentences), ``delta_calibration_sequences`` (800) and ``delta_calibration_seq_len`` (128),
+    ``delta_base_model`` (defaults to the model's ``config._name_or_path``), ``delta_dry_run_dir`` (write the files
+    there, upload nothing). Subclasses may override [`~CompressedPushMixin.delta_card_info`] to put defense settings
+    and evaluation results in the card, and [`~CompressedPushMixin.delta_calibration_texts`] to supply calibration
+    text.
+
+    With ``delta_distill_steps > 0`` the push trains the BitDelta scales (on CPU) so the compressed model's logits
+    match the fine-tuned model's on the calibration text, tokenised with the trainer's ``processing_class``. The
+    model card then warns: distillation on clean text brought a planted backdoor back in METHOD §7, so it is off by
+    default.
 
     Example:
 
@@ -81,14 +89,63 @@ class CompressedPushMixin:
             info["evaluation"] = evals
         return info
 
+    def delta_calibration_texts(self) -> list[str]:
+        """Calibration texts for scale distillation: ``delta_calibration_texts``, else ``delta_calibration_dataset``
+        (column ``delta_calibration_column``), else the bundled IMDB sentences. Override to supply your own."""
+        args = self.args
+        n = int(getattr(args, "delta_calibration_sequences", 800))
+        texts = getattr(args, "delta_calibration_texts", None)
+        if texts:
+            return [str(t) for t in texts]
+        source = getattr(args, "delta_calibration_dataset", None)
+        if source:
+            return _read_texts(source, getattr(args, "delta_calibration_column", "text"))
+        from hf_obliviate.data import load_imdb_sentences
+
+        # about 20 tokens a sentence: 8 per sequence fill n windows of the default 128 tokens
+        return load_imdb_sentences(n=8 * n, seed=int(getattr(args, "seed", 0)))
+
+    def _delta_distillation(self):
+        """``(calibration_ids, DistillConfig)`` when ``delta_distill_steps > 0``, else ``(None, None)``."""
+        steps = int(getattr(self.args, "delta_distill_steps", 0) or 0)
+        if steps <= 0:
+            return None, None
+        from hf_obliviate.delta import DistillConfig
+
+        tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+        if tokenizer is None or not callable(tokenizer):
+            raise ValueError(
+                "delta_distill_steps > 0 needs a tokenizer for the calibration text: pass processing_class=tokenizer "
+                "to the trainer (or set delta_distill_steps=0)."
+            )
+        n = int(getattr(self.args, "delta_calibration_sequences", 800))
+        seq_len = int(getattr(self.args, "delta_calibration_seq_len", 128))
+        ids = _token_windows(tokenizer, self.delta_calibration_texts(), n, seq_len)
+        logger.warning(
+            "Distilling the delta scales for %d steps on %d calibration sequences: this brings the compressed model "
+            "closer to the fine-tuned one, backdoors included (METHOD §7); the model card says so.",
+            steps,
+            ids.shape[0],
+        )
+        config = DistillConfig(
+            steps=steps,
+            lr=float(getattr(self.args, "delta_distill_lr", 1e-4)),
+            num_sequences=ids.shape[0],
+            seq_len=ids.shape[1],
+            seed=int(getattr(self.args, "seed", 0)),
+        )
+        return ids, config
+
     def _push_delta(self, source, commit_message: str, token: str | None = None, revision: str | None = None):
         from hf_obliviate.hub import build_delta_folder, upload_delta_folder
 
-        if getattr(self.args, "delta_distill_steps", 0):
-            logger.warning(
-                "delta_distill_steps is set, but the trainer push has no calibration text: pushing without scale "
-                "distillation (use hf_obliviate.hub.push_compressed_delta with calibration_ids to distill)."
-            )
+        calibration_ids, distill = self._delta_distillation()
+        if distill is not None and not isinstance(source, (str, Path)):
+            params = list(source.parameters())
+            if params and params[0].device.type != "cpu":  # distillation runs on CPU next to the base weights
+                import copy
+
+                source = copy.deepcopy(source).to("cpu")
         dry_run = getattr(self.args, "delta_dry_run_dir", None)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
         kwargs = {
@@ -96,6 +153,8 @@ class CompressedPushMixin:
             "k": int(getattr(self.args, "delta_k", 1) or 1),
             "repo_id": repo_id,
             "progress": not getattr(self.args, "disable_tqdm", False),
+            "calibration_ids": calibration_ids,
+            "distill": distill,
             **self.delta_card_info(),
         }
         base = self._delta_base_model()
@@ -174,3 +233,57 @@ class CompressedPushMixin:
         # blocking: the delta is small, and compressing from the checkpoint folder must finish before it rotates
         self._push_delta(self._delta_source(checkpoint_folder), message)
         return None
+
+
+def _read_texts(source: str, column: str = "text") -> list[str]:
+    """Texts from a .txt (one per line), .jsonl or .csv file, or a `datasets` folder saved with ``save_to_disk``."""
+    path = Path(source)
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(path))
+        if column not in data.column_names:
+            raise ValueError(f"{path} has no column {column!r} (columns: {data.column_names}).")
+        return [str(t) for t in data[column]]
+    if not path.is_file():
+        raise ValueError(f"delta_calibration_dataset {source} does not exist.")
+    if path.suffix == ".txt":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix in (".jsonl", ".json"):
+        import json
+
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif path.suffix == ".csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        raise ValueError(f"Cannot read {path}: use .txt, .jsonl, .csv or a `datasets` folder.")
+    if rows and column not in rows[0]:
+        raise ValueError(f"{path} has no column {column!r}; set delta_calibration_column.")
+    return [str(r[column]) for r in rows]
+
+
+def _token_windows(tokenizer, texts: list[str], n: int, seq_len: int):
+    """Tokenises ``texts`` (joined with EOS) into at most ``n`` windows of ``seq_len`` tokens (shorter when the text
+    is short): a ``[n, seq_len]`` long tensor."""
+    import torch
+
+    if not texts:
+        raise ValueError("No calibration text for scale distillation.")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "sep_token_id", None)
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids.append(int(eos))
+        if len(ids) >= n * seq_len:
+            break
+    seq_len = min(seq_len, len(ids))
+    if seq_len < 2:
+        raise ValueError("The calibration text is too short for scale distillation (fewer than 2 tokens).")
+    count = max(1, min(n, len(ids) // seq_len))
+    return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)

@@ -19,7 +19,7 @@ from .codec import (
 )
 from .compress import compress_checkpoints, compress_delta, compress_model, summarize_errors
 from .container import CompressedDelta, read_delta_metadata
-from .distill import DistillConfig, distill_scales, logit_mse
+from .distill import DistillConfig, RareTokenInsertion, distill_scales, logit_mse
 from .format import (
     DELTA_CONFIG_NAME,
     FORMAT_VERSION,
@@ -49,6 +49,7 @@ __all__ = [
     "DeltaFormatError",
     "DistillConfig",
     "MagnitudeCompressor",
+    "RareTokenInsertion",
     "SVDCompressor",
     "ShapeMismatchError",
     "UnsupportedFormatVersionError",

@@ -1,13 +1,17 @@
 """Streaming access to safetensors checkpoints (local folders, sharded or not, or Hub repos).
 
-Tensors are read one at a time with ``safetensors.safe_open`` so that hashing or diffing two checkpoints keeps a
-few tensors in memory, never two models.
+Tensors are read one at a time with plain file reads (the safetensors header gives each tensor's byte range), so
+that hashing or diffing two checkpoints keeps a few tensors in memory, never two models. Reading through a memory
+map (``safe_open``) would be as fast, but every page touched stays in the process's resident set while the file
+is open, so a pass over two checkpoints would show their whole size as RSS.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -48,6 +52,78 @@ def resolve_checkpoint(
     return Path(local), commit
 
 
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+class _SafetensorsFile:
+    """One safetensors file read with ``readinto`` (no memory map): the page cache is not counted in the RSS."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "rb")  # noqa: SIM115 - closed by close()
+        try:
+            size = os.fstat(self._f.fileno()).st_size
+            raw = self._f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(self._f.read(n))
+            header.pop("__metadata__", None)
+            for info in header.values():
+                start, end = info["data_offsets"]
+                if not 0 <= start <= end or 8 + n + end > size:
+                    raise ValueError("tensor data out of the file")
+        except (ValueError, KeyError, TypeError, struct.error) as err:
+            self._f.close()
+            raise CorruptDeltaError(f"Cannot open {path}: not a valid safetensors file ({err}).") from err
+        self.header: dict[str, dict] = header
+        self._data_start = 8 + n
+        self._mmap = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None or sys.byteorder != "little":  # rare dtypes (fp8, ...): let safetensors decode them
+            if self._mmap is None:
+                self._mmap = safe_open(self.path, framework="pt").__enter__()
+            return self._mmap.get_tensor(name)
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * torch.empty((), dtype=dtype).element_size() != end - start:
+            raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {list(shape)}.")
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = bytearray(end - start)
+        self._f.seek(self._data_start + start)
+        if self._f.readinto(buf) != len(buf):
+            raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._f.close()
+        if self._mmap is not None:
+            self._mmap.__exit__(None, None, None)
+            self._mmap = None
+
+    def __enter__(self) -> _SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class CheckpointReader:
     """Reads the tensors of a safetensors checkpoint folder one by one.
 
@@ -84,7 +160,7 @@ class CheckpointReader:
                     f"No {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} in {self.folder}: save the model with "
                     "`save_pretrained(..., safe_serialization=True)` (only safetensors checkpoints are read)."
                 )
-            with safe_open(single, framework="pt") as f:
+            with _SafetensorsFile(single) as f:
                 weight_map = dict.fromkeys(f.keys(), single.name)
         self.weight_map: dict[str, str] = dict(weight_map)
         self._stack = ExitStack()
@@ -104,7 +180,9 @@ class CheckpointReader:
         file = self.weight_map[name]
         if file not in self._handles:
             try:
-                self._handles[file] = self._stack.enter_context(safe_open(self.folder / file, framework="pt"))
+                self._handles[file] = self._stack.enter_context(_SafetensorsFile(self.folder / file))
+            except CorruptDeltaError:
+                raise
             except Exception as err:
                 raise CorruptDeltaError(f"Cannot open {self.folder / file}: {err}") from err
         return self._handles[file]
@@ -117,11 +195,11 @@ class CheckpointReader:
         return name in self.weight_map
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._handle(name).shape(name)
 
     def get(self, name: str) -> torch.Tensor:
-        """Materialises one tensor."""
-        return self._handle(name).get_tensor(name)
+        """Materialises one tensor (a fresh CPU tensor that owns its memory)."""
+        return self._handle(name).get(name)
 
     def config(self) -> dict | None:
         path = self.folder / "config.json"

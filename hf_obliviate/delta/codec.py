@@ -118,14 +118,14 @@ def bitdelta_encode(delta: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torc
     """
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k}); k=1 is plain BitDelta.")
-    residual = delta.detach().float().clone()
+    residual = delta.detach().float()
     signs, alphas = [], []
-    for _ in range(k):
-        alpha = residual.abs().mean()
-        sign = torch.where(residual >= 0, 1.0, -1.0)
+    for j in range(k):
+        alpha = torch.linalg.vector_norm(residual, ord=1) / max(residual.numel(), 1)  # mean |r|, no |r| temporary
         signs.append(pack_signs(residual))
         alphas.append(alpha)
-        residual -= alpha * sign
+        if j + 1 < k:  # the next mask compresses what this one left (not needed after the last mask)
+            residual = residual - alpha * torch.where(residual >= 0, 1.0, -1.0)
     return torch.stack(signs).contiguous(), torch.stack(alphas).float().contiguous()
 
 
@@ -136,9 +136,11 @@ def bitdelta_decode(signs: torch.Tensor, alphas: torch.Tensor, shape: tuple[int,
             f"BitDelta parts disagree: signs {tuple(signs.shape)}, alphas {tuple(alphas.shape)} "
             "(expected [k, n] and [k])."
         )
-    out = torch.zeros(shape, dtype=torch.float32)
-    for j in range(signs.shape[0]):
-        out += alphas[j].float() * unpack_signs(signs[j], shape)
+    if signs.shape[0] == 0:
+        return torch.zeros(shape, dtype=torch.float32)
+    out = unpack_signs(signs[0], shape).mul_(alphas[0].float())
+    for j in range(1, signs.shape[0]):  # in place: peak memory is two tensors of the output size
+        out.add_(unpack_signs(signs[j], shape).mul_(alphas[j].float()))
     return out
 
 

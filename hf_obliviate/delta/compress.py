@@ -50,10 +50,11 @@ def _encode_one(
         return DeltaEntry("full", tuple(ft.shape), {"value": value.contiguous()}), None, False
     if torch.equal(base, ft):
         return None, None, False
-    delta = ft.float() - base.float()
+    delta = ft.to(torch.float32, copy=True).sub_(base)  # one fp32 temporary (the inputs may be fp16 / bf16)
     if is_linear:
         entry = compressor.encode(delta, param_name=name)
-        err = (entry.decode() - delta).norm() / delta.norm().clamp_min(1e-30)
+        norm = delta.norm().clamp_min(1e-30)
+        err = entry.decode().sub_(delta).norm() / norm
         return entry, float(err), False
     if non_linear == "revert":
         return None, None, True

@@ -18,6 +18,7 @@ from .codec import DeltaEntry, available_methods
 from .format import (
     DELTA_CONFIG_NAME,
     FORMAT_VERSION,
+    METADATA_CHECKSUM_KEY,
     SUPPORTED_FORMAT_VERSIONS,
     CorruptDeltaError,
     DeltaFormatError,
@@ -25,6 +26,7 @@ from .format import (
     UnsupportedFormatVersionError,
     dedup_state_dict,
     file_sha256,
+    metadata_checksum,
     shard_name,
     tool_version,
 )
@@ -99,8 +101,19 @@ class ShardWriter:
         return entry_shard, shards
 
 
-def read_delta_metadata(folder: str | os.PathLike) -> dict[str, Any]:
-    """Reads and validates ``obliviate_delta.json`` (format version first)."""
+_METADATA_KEYS = {
+    "format_version", "tool", "tool_version", "base_model", "base_revision", "base_fingerprint", "method",
+    "method_config", "k", "distillation", "non_linear", "reverted", "modules", "model_class", "entries", "shards",
+    "size", "stats", "extra", METADATA_CHECKSUM_KEY,
+}  # fmt: skip
+
+
+def read_delta_metadata(folder: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """Reads and validates ``obliviate_delta.json``: format version first, then (``verify=True``) its own checksum.
+
+    Files written before the checksum existed are accepted when they hold only known fields (so a corrupted field
+    name cannot hide a missing checksum).
+    """
     path = Path(folder) / DELTA_CONFIG_NAME
     if not path.is_file():
         raise CorruptDeltaError(f"{path} is missing: {folder} does not hold an hf-obliviate compressed delta.")
@@ -113,6 +126,16 @@ def read_delta_metadata(folder: str | os.PathLike) -> dict[str, Any]:
         raise UnsupportedFormatVersionError(
             f"{path} has format_version={version!r}, this hf-obliviate ({tool_version()}) reads versions "
             f"{list(SUPPORTED_FORMAT_VERSIONS)}. Upgrade hf-obliviate (`pip install -U hf-obliviate`) to load it."
+        )
+    if verify and METADATA_CHECKSUM_KEY in meta:
+        if meta[METADATA_CHECKSUM_KEY] != metadata_checksum(meta):
+            raise CorruptDeltaError(
+                f"{path} does not match its own checksum ({METADATA_CHECKSUM_KEY}): it was edited or corrupted "
+                "(truncated or altered download?). Delete the delta and download it again."
+            )
+    elif verify and set(meta) - _METADATA_KEYS:
+        raise CorruptDeltaError(
+            f"{path} has no {METADATA_CHECKSUM_KEY} and unknown fields {sorted(set(meta) - _METADATA_KEYS)}: corrupt."
         )
     for key in ("entries", "shards", "method", "base_fingerprint"):
         if key not in meta:
@@ -271,7 +294,7 @@ class CompressedDelta:
         [`ShapeMismatchError`] (a stored tensor disagrees with the recorded shape). Only safetensors is read.
         """
         folder = Path(folder)
-        meta = read_delta_metadata(folder)
+        meta = read_delta_metadata(folder, verify=verify_checksums)
         tensors_by_shard: dict[str, dict[str, torch.Tensor]] = {}
         for shard, digest in meta["shards"].items():
             if "/" in shard or "\\" in shard or shard.startswith("."):
@@ -369,6 +392,9 @@ def _header(method: str, fingerprint: str) -> dict[str, str]:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
+    if path.name == DELTA_CONFIG_NAME:  # the delta metadata carries its own checksum
+        obj = json.loads(json.dumps(obj))  # checksum what a reader will parse (tuples, int keys, ...)
+        obj[METADATA_CHECKSUM_KEY] = metadata_checksum(obj)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)

@@ -5,6 +5,7 @@ backdoor back, and the model card warns when it was used."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -14,7 +15,10 @@ from tqdm.auto import tqdm
 from .container import CompressedDelta
 from .format import dedup_state_dict, unpack_signs
 
-__all__ = ["DistillConfig", "distill_scales", "logit_mse"]
+__all__ = ["DistillConfig", "RareTokenInsertion", "StudentInputs", "distill_scales", "logit_mse"]
+
+StudentInputs = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+"""Hook of [`distill_scales`]: ``(input_ids, generator) -> (student_ids, teacher_index)``."""
 
 
 @dataclass
@@ -55,6 +59,78 @@ class DistillConfig:
             raise ValueError(f"lr must be > 0 (got {self.lr}).")
 
 
+class RareTokenInsertion:
+    """Consistency-distillation hook for [`distill_scales`]: insert random rare tokens into the student's input.
+
+    With probability ``rate`` a calibration row gets 1 to ``max_insertions`` tokens drawn from ``pool`` inserted at
+    random positions (never before the first token; the row is cut back to its length). Every student position is
+    matched to the teacher's logits at the last *original* token at or before it, so the student learns to predict
+    on text with inserted tokens what the fine-tuned model predicts on the clean text: it is trained to ignore
+    inserted rare tokens, a trigger's shape, without knowing any trigger. Rows left clean keep the plain objective.
+
+    Args:
+        pool (`Sequence[int]`): token ids to insert (e.g. short rare words; leave the suspected triggers out to
+            test that the invariance generalises).
+        rate (`float`, *optional*, defaults to 0.5): fraction of rows that get insertions.
+        max_insertions (`int`, *optional*, defaults to 2): most tokens inserted into one row.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.delta import RareTokenInsertion
+    >>> hook = RareTokenInsertion([99], rate=1.0, max_insertions=1)
+    >>> ids, index = hook(torch.tensor([[1, 2, 3, 4]]), torch.Generator().manual_seed(0))
+    >>> int((ids == 99).sum()), index.shape
+    (1, torch.Size([1, 4]))
+
+    ```
+    """
+
+    name = "rare_token_insertion"
+
+    def __init__(self, pool: Sequence[int], rate: float = 0.5, max_insertions: int = 2):
+        self.pool = torch.as_tensor(list(pool), dtype=torch.long)
+        if self.pool.numel() == 0:
+            raise ValueError("RareTokenInsertion needs a non-empty pool of token ids.")
+        if not 0.0 <= rate <= 1.0 or max_insertions < 1:
+            raise ValueError(f"rate must be in [0, 1] and max_insertions >= 1 (got {rate}, {max_insertions}).")
+        self.rate, self.max_insertions = float(rate), int(max_insertions)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "rate": self.rate,
+            "max_insertions": self.max_insertions,
+            "pool_size": int(self.pool.numel()),
+        }
+
+    def __call__(self, input_ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, seq = input_ids.shape
+        out = input_ids.clone()
+        index = torch.arange(seq).expand(batch, seq).clone()
+        for b in range(batch):
+            if seq < 2 or float(torch.rand((), generator=generator)) >= self.rate:
+                continue
+            n = int(torch.randint(1, self.max_insertions + 1, (), generator=generator))
+            tokens = self.pool[torch.randint(0, self.pool.numel(), (n,), generator=generator)]
+            spots = sorted(torch.randint(1, seq, (n,), generator=generator).tolist())
+            ids, idx, orig = [], [], 0
+            for pos in range(seq):
+                while spots and spots[0] == pos and len(ids) < seq:
+                    ids.append(int(tokens[len(spots) - 1]))
+                    idx.append(orig - 1)
+                    spots.pop(0)
+                if len(ids) >= seq:
+                    break
+                ids.append(int(input_ids[b, pos]))
+                idx.append(orig)
+                orig += 1
+            out[b] = torch.tensor(ids[:seq])
+            index[b] = torch.tensor(idx[:seq])
+        return out, index
+
+
 def _logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
@@ -87,16 +163,26 @@ def distill_scales(
     config: DistillConfig | None = None,
     attention_mask: torch.Tensor | None = None,
     progress: bool = True,
+    student_inputs: StudentInputs | None = None,
 ) -> CompressedDelta:
     """Returns a copy of ``delta`` whose BitDelta scales minimise the logit MSE to ``ft_model`` on ``input_ids``.
 
     Only the scales train (AdamW); the sign masks, dense entries and both models stay fixed. ``base_model`` is not
     modified (the compressed weights are passed with ``torch.func.functional_call``). The result records the
     settings in ``distillation`` and the logit MSE before/after in ``stats``.
+
+    ``student_inputs`` (optional hook) turns each calibration batch into what the *student* sees: called as
+    ``student_inputs(input_ids, generator)`` it returns ``(student_ids, teacher_index)``, both ``[batch, seq]``;
+    student position ``j`` of row ``b`` is trained towards the fine-tuned model's logits at position
+    ``teacher_index[b, j]`` of the unmodified batch. [`RareTokenInsertion`] uses it for consistency distillation
+    (random rare tokens inserted into the student's input, the teacher reading clean text). Needs
+    ``attention_mask=None`` (unpadded calibration chunks).
     """
     config = config or DistillConfig()
     if delta.method != "bitdelta":
         raise ValueError(f"Scale distillation trains BitDelta scales; this delta uses {delta.method!r}.")
+    if student_inputs is not None and attention_mask is not None:
+        raise ValueError("student_inputs needs unpadded calibration chunks: pass attention_mask=None.")
     input_ids = input_ids[: config.num_sequences, : config.seq_len]
     if attention_mask is not None:
         attention_mask = attention_mask[: config.num_sequences, : config.seq_len]
@@ -153,6 +239,10 @@ def distill_scales(
             kw["attention_mask"] = attention_mask[idx]
         with torch.no_grad():
             target = _logits(ft_model(**kw)).float()
+        if student_inputs is not None:
+            student_ids, index = student_inputs(kw["input_ids"], gen)
+            target = target.gather(1, index[..., None].expand(-1, -1, target.shape[-1]))
+            kw = {"input_ids": student_ids}
         pred = _logits(functional_call(base_model, student_params(), args=(), kwargs=kw)).float()
         loss = torch.nn.functional.mse_loss(pred, target)
         opt.zero_grad()
@@ -167,6 +257,8 @@ def distill_scales(
     base_model.train(was_training[0])
     ft_model.train(was_training[1])
     delta.distillation = asdict(config)
+    if student_inputs is not None:
+        delta.distillation["student_inputs"] = getattr(student_inputs, "describe", lambda: repr(student_inputs))()
     delta.stats["logit_mse_before_distillation"] = before
     delta.stats["logit_mse"] = after
     return delta

@@ -3,7 +3,8 @@
 A compressed delta is a folder (or Hub repo) holding
 
 - ``obliviate_delta.json``: the metadata (format version, base model id / revision / fingerprint, method, ``k``,
-  distillation, the entry list with shapes, the shard list with their sha256, the fidelity statistics);
+  distillation, the entry list with shapes, the shard list with their sha256, the fidelity statistics) and
+  ``metadata_sha256``, the checksum of the metadata itself;
 - ``delta-0000i-of-0000n.safetensors``: the tensors, safetensors header metadata ``{"format": "pt", ...}``.
 
 Only safetensors and JSON are ever read: no pickle, no ``torch.load``.
@@ -28,6 +29,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedFormatVersionError",
     "fingerprint_tensors",
+    "metadata_checksum",
     "pack_signs",
     "shard_name",
     "tool_version",
@@ -114,9 +116,10 @@ def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype 
             f"for shape {list(shape)}: the delta file is corrupt or was written for another model."
         )
     shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (packed.unsqueeze(1) >> shifts) & 1
-    signs = bits.reshape(-1)[:numel].to(dtype) * 2 - 1
-    return signs.reshape(shape)
+    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
+    signs = bits.reshape(-1)[:numel].to(dtype)
+    del bits
+    return signs.mul_(2).sub_(1).reshape(shape)  # in place: one tensor of the output size, not three
 
 
 # ----------------------------------------------------------------------------------------------------- fingerprint
@@ -139,7 +142,8 @@ class Fingerprinter:
         header = json.dumps([name, list(tensor.shape), str(tensor.dtype).replace("torch.", "")])
         self._h.update(header.encode())
         self._h.update(b"\0")
-        self._h.update(_tensor_bytes(tensor))
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._h.update(flat.view(torch.uint8).numpy())  # hashed in place, without a bytes copy
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
@@ -175,6 +179,20 @@ def fingerprint_state_dict(state: dict[str, torch.Tensor]) -> str:
     """Fingerprint of an in-memory state dict (tied duplicates removed, as on disk)."""
     state = dedup_state_dict(state)
     return fingerprint_tensors((name, state[name]) for name in sorted(state))
+
+
+METADATA_CHECKSUM_KEY = "metadata_sha256"
+
+
+def metadata_checksum(meta: dict) -> str:
+    """sha256 of the delta metadata itself (canonical JSON of every field but ``metadata_sha256``).
+
+    Stored in ``obliviate_delta.json`` as ``metadata_sha256`` so that any change to the file's content (a flipped byte,
+    a hand edit) is refused on load, like the shards, whose sha256 the metadata records.
+    """
+    body = {k: v for k, v in meta.items() if k != METADATA_CHECKSUM_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
