@@ -22,7 +22,10 @@ _EXPORTS: dict[str, str] = {
     "DeltaFormatError": "hf_obliviate.delta",
     "DeltaPushArguments": "hf_obliviate.trainer",
     "DistillConfig": "hf_obliviate.delta",
+    "FreeLunchConfig": "hf_obliviate.freelunch",
     "HubAuthError": "hf_obliviate.hub",
+    "LensResult": "hf_obliviate.lens",
+    "LocalHub": "hf_obliviate.hub",
     "ObliviateConfig": "hf_obliviate.config",
     "ObliviateDefense": "hf_obliviate.defense",
     "ObliviateSFTConfig": "hf_obliviate.trainer",
@@ -42,7 +45,10 @@ _EXPORTS: dict[str, str] = {
     "get_bottleneck_model": "hf_obliviate.bottleneck",
     "load_compressed": "hf_obliviate.hub",
     "load_movie_reviews": "hf_obliviate.data",
+    "logit_lens": "hf_obliviate.lens",
+    "plot_lens": "hf_obliviate.lens",
     "push_compressed_delta": "hf_obliviate.hub",
+    "run_freelunch": "hf_obliviate.freelunch",
     "tuner_parameters": "hf_obliviate.tuners",
 }
 
@@ -57,7 +63,10 @@ __all__ = [
     "DeltaFormatError",
     "DeltaPushArguments",
     "DistillConfig",
+    "FreeLunchConfig",
     "HubAuthError",
+    "LensResult",
+    "LocalHub",
     "ObliviateConfig",
     "ObliviateDefense",
     "ObliviateSFTConfig",
@@ -78,7 +87,10 @@ __all__ = [
     "get_bottleneck_model",
     "load_compressed",
     "load_movie_reviews",
+    "logit_lens",
+    "plot_lens",
     "push_compressed_delta",
+    "run_freelunch",
     "tuner_parameters",
 ]
 
@@ -115,7 +127,9 @@ if TYPE_CHECKING:  # pragma: no cover
         compress_model,
         distill_scales,
     )
-    from .hub import HubAuthError, load_compressed, push_compressed_delta
+    from .freelunch import FreeLunchConfig, run_freelunch
+    from .hub import HubAuthError, LocalHub, load_compressed, push_compressed_delta
+    from .lens import LensResult, logit_lens, plot_lens
     from .losses import amplification_loss, attention_logit_loss
     from .trainer import (
         DeltaPushArguments,

@@ -7,6 +7,7 @@
     hf-obliviate compress --base BASE --finetuned FT --output_dir delta/
     hf-obliviate push     --model FT --base BASE --repo_id user/name
     hf-obliviate pull     --base BASE --repo_id user/name --output_dir rebuilt/
+    hf-obliviate hub serve --root hub-data/ [--port 8765] [--token T]   (local Hub endpoint for development)
 """
 
 from __future__ import annotations
@@ -163,11 +164,29 @@ def _delta(name: str) -> Callable[[Sequence[str]], None]:
     return run
 
 
+_HUB_USAGE = "usage: hf-obliviate hub serve --root DIR [--port 8765] [--host 127.0.0.1] [--token T] [--help]"
+
+
+def _hub(argv: Sequence[str]) -> None:
+    """``hf-obliviate hub serve``: the local Hub-compatible endpoint (development and tests, not a Hub)."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_HUB_USAGE)
+        return
+    if argv[0] != "serve":
+        raise ValueError(f"unknown hub subcommand {argv[0]!r}; {_HUB_USAGE}")
+    from .hub import cli as hub_cli
+
+    (config,) = _parse([hub_cli.ServeConfig], argv[1:], "hf-obliviate hub serve")
+    hub_cli.serve_main(config)
+
+
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str]] = {
     "train": (_train, "Fine-tune a PEFT classifier with (or without) the Obliviate defense."),
     "compress": (_delta("compress"), "Compress a fine-tuning delta (BitDelta and baselines) from two checkpoints."),
     "push": (_delta("push"), "Compress a fine-tune's delta and push it to the Hub in one commit, with a card."),
     "pull": (_delta("pull"), "Download a compressed delta, verify its base and rebuild the model."),
+    "hub": (_hub, "`hub serve`: a local Hub-compatible endpoint for development and tests."),
 }
 
 
@@ -201,6 +220,15 @@ def _load_optional_commands() -> None:
     from hf_obliviate.cli_attacks import COMMANDS as attack_commands
 
     for name, entry in attack_commands.items():
+        COMMANDS.setdefault(name, entry)
+    from hf_obliviate.cli_freelunch import COMMANDS as freelunch_commands
+    from hf_obliviate.cli_lens import COMMANDS as lens_commands
+
+    for name, entry in {**lens_commands, **freelunch_commands}.items():
+        COMMANDS.setdefault(name, entry)
+    from hf_obliviate.cli_space import COMMANDS as space_commands
+
+    for name, entry in space_commands.items():
         COMMANDS.setdefault(name, entry)
 
 
