@@ -119,8 +119,9 @@ def _load(model_dir: Path | None, random_init: bool):
     return AutoModelForSequenceClassification.from_config(config), AutoTokenizer.from_pretrained(path)
 
 
-def measure_pair(plain, defended, make_batch, steps: int, warmup: int, device: torch.device):
-    """Alternate one plain and one defended step per batch; return the median step times and the peak memories.
+def measure_pair(plain, defended, make_batch, steps: int, warmup: int, device: torch.device) -> dict:
+    """Alternate one plain and one defended step per batch; return the row's timing and memory fields (median step
+    times, peak memories, their ratios).
 
     ``plain`` and ``defended`` are ``(trainer, model)`` pairs; ``make_batch(i)`` gives the i-th batch (a dict).
     """
@@ -139,12 +140,17 @@ def measure_pair(plain, defended, make_batch, steps: int, warmup: int, device: t
             if i >= warmup:
                 times[name].append(elapsed)
                 peaks[name].append(peak)
-    return (
-        statistics.median(times["plain"]),
-        statistics.median(times["defended"]),
-        max(peaks["plain"]),
-        max(peaks["defended"]),
-    )
+    plain_t, defended_t = statistics.median(times["plain"]), statistics.median(times["defended"])
+    plain_m, defended_m = max(peaks["plain"]), max(peaks["defended"])
+    return {
+        "plain_step_s": round(plain_t, 4),
+        "defended_step_s": round(defended_t, 4),
+        "time_ratio": round(defended_t / plain_t, 3),
+        "plain_peak_mb": round(plain_m / 2**20, 1),
+        "defended_peak_mb": round(defended_m / 2**20, 1),
+        "mem_ratio": round(defended_m / plain_m, 3),
+        "steps": steps,
+    }
 
 
 def measure_row(
@@ -177,7 +183,7 @@ def measure_row(
     defended = ObliviateTrainer(model=defended_model, args=defended_args)
     for trainer in (plain, defended):
         trainer.create_optimizer()
-    plain_t, defended_t, plain_m, defended_m = measure_pair(
+    timing = measure_pair(
         (plain, plain_model),
         (defended, defended_model),
         lambda i: _batch(tokenizer, batch, seq_len, device, seed=i, texts=texts),
@@ -191,13 +197,7 @@ def measure_row(
         "trainer": "cls",
         "batch": batch,
         "seq_len": seq_len,
-        "plain_step_s": round(plain_t, 4),
-        "defended_step_s": round(defended_t, 4),
-        "time_ratio": round(defended_t / plain_t, 3),
-        "plain_peak_mb": round(plain_m / 2**20, 1),
-        "defended_peak_mb": round(defended_m / 2**20, 1),
-        "mem_ratio": round(defended_m / plain_m, 3),
-        "steps": steps,
+        **timing,
     }
 
 

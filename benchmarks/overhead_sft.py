@@ -125,7 +125,7 @@ def measure_row(
     )
     for trainer in (plain, defended):
         trainer.create_optimizer()
-    plain_t, defended_t, plain_m, defended_m = measure_pair(
+    timing = measure_pair(
         (plain, plain_model),
         (defended, defended_model),
         lambda i: _batch(tokenizer, batch, seq_len, device, seed=i, data=data),
@@ -142,13 +142,7 @@ def measure_row(
         "data": data,
         "dtype": str(dtype).removeprefix("torch."),
         "gradient_checkpointing": gradient_checkpointing,
-        "plain_step_s": round(plain_t, 4),
-        "defended_step_s": round(defended_t, 4),
-        "time_ratio": round(defended_t / plain_t, 3),
-        "plain_peak_mb": round(plain_m / 2**20, 1),
-        "defended_peak_mb": round(defended_m / 2**20, 1),
-        "mem_ratio": round(defended_m / plain_m, 3),
-        "steps": steps,
+        **timing,
     }
 
 

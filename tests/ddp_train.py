@@ -17,40 +17,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from tiny_models import PadCollator, quiet_training_kwargs  # noqa: E402
 
 N_EXAMPLES = 8  # one optimizer step sees every example (global batch 8): data order cannot matter
 
 
 def _common(out: Path, batch: int, steps: int) -> dict:
-    return dict(
-        output_dir=str(out),
-        report_to="none",
-        use_cpu=True,
+    return quiet_training_kwargs(
+        out,
         learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        max_grad_norm=0.0,
         max_steps=steps,
         per_device_train_batch_size=batch,
-        lambda_amp=1e-2,
-        lambda_attn=1e-1,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-
-
-class _PadCollator:
-    def __call__(self, features):
-        length = max(len(f["input_ids"]) for f in features)
-        ids = [f["input_ids"] + [0] * (length - len(f["input_ids"])) for f in features]
-        mask = [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
-        return {
-            "input_ids": torch.tensor(ids),
-            "attention_mask": torch.tensor(mask),
-            "labels": torch.tensor([f["labels"] for f in features]),
-        }
 
 
 def _trained(trainer) -> tuple[dict[str, torch.Tensor], list[float]]:
@@ -74,7 +53,7 @@ def run_cls(out: Path, batch: int, steps: int):
     ]
     args = ObliviateTrainingArguments(**_common(out / "cls", batch, steps))
     trainer = ObliviateTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=_PadCollator()
+        model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=PadCollator()
     )
     trainer.train()
     return trainer

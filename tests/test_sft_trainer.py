@@ -10,8 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-from tiny_models import sft_tokenizer, tiny_causal_lm
-from transformers import TrainerCallback
+from tiny_models import GradCatcher, quiet_training_kwargs, sft_tokenizer, tiny_causal_lm
 
 from hf_obliviate import AttentionLogitCapture, ObliviateSFTConfig, ObliviateSFTTrainer
 from hf_obliviate import capture as capture_module
@@ -44,35 +43,8 @@ def _plain(n: int = 8) -> Dataset:
 
 
 def _args(tmp_path, **kwargs) -> ObliviateSFTConfig:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        max_grad_norm=0.0,
-        max_steps=2,
-        per_device_train_batch_size=4,
-        lambda_amp=1e-2,
-        lambda_attn=1e-1,
-        dataloader_drop_last=True,
-    )
-    defaults.update(kwargs)
-    return ObliviateSFTConfig(**defaults)
-
-
-class _GradCatcher(TrainerCallback):
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    defaults = dict(bf16=False, max_steps=2, per_device_train_batch_size=4, dataloader_drop_last=True)
+    return ObliviateSFTConfig(**quiet_training_kwargs(tmp_path, **{**defaults, **kwargs}))
 
 
 def _train(tmp_path, tokenizer, dataset, peft_config=None, callbacks=(), **kwargs) -> ObliviateSFTTrainer:
@@ -90,7 +62,7 @@ def _train(tmp_path, tokenizer, dataset, peft_config=None, callbacks=(), **kwarg
 
 
 def _one_step_grads(tmp_path, tokenizer, dataset, **kwargs) -> dict[str, torch.Tensor]:
-    catcher = _GradCatcher()
+    catcher = GradCatcher()
     trainer = _train(tmp_path, tokenizer, dataset, callbacks=[catcher], max_steps=1, **kwargs)
     assert catcher.grads
     base = trainer.model.get_base_model()

@@ -5,27 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import FAMILIES, TUNERS, tiny_peft_model
-from transformers import DataCollatorWithPadding, TrainerCallback, TrainingArguments
+from tiny_models import FAMILIES, TUNERS, GradCatcher, PadCollator, quiet_training_kwargs, tiny_peft_model
+from transformers import DataCollatorWithPadding, TrainingArguments
 
 from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
-
-
-class _PadCollator:
-    """Pads to the longest example of each micro-batch (so accumulation micro-batches differ in length)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, features):
-        length = max(len(f["input_ids"]) for f in features)
-        ids = [f["input_ids"] + [self.pad_id] * (length - len(f["input_ids"])) for f in features]
-        mask = [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
-        return {
-            "input_ids": torch.tensor(ids),
-            "attention_mask": torch.tensor(mask),
-            "labels": torch.tensor([f["labels"] for f in features]),
-        }
 
 
 def _dataset(n: int = 16, family: str = "bert", seed: int = 0) -> Dataset:
@@ -39,37 +22,13 @@ def _dataset(n: int = 16, family: str = "bert", seed: int = 0) -> Dataset:
 
 
 def _args(tmp_path, **kwargs) -> ObliviateTrainingArguments:
-    defaults = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        use_cpu=True,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        max_grad_norm=0.0,
-        lambda_amp=1e-2,
-        lambda_attn=1e-1,
-    )
-    defaults.update(kwargs)
-    return ObliviateTrainingArguments(**defaults)
-
-
-class _GradCatcher(TrainerCallback):
-    def __init__(self):
-        self.grads = None
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.grads is None:
-            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return ObliviateTrainingArguments(**quiet_training_kwargs(tmp_path, **kwargs))
 
 
 def _grads_after_one_step(tmp_path, family, batch, accumulation, tuner="lora", **kwargs):
     torch.manual_seed(0)
     model = tiny_peft_model(family, tuner)
-    catcher = _GradCatcher()
+    catcher = GradCatcher()
     args = _args(
         tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **kwargs
     )
@@ -78,7 +37,7 @@ def _grads_after_one_step(tmp_path, family, batch, accumulation, tuner="lora", *
         model=model,
         args=args,
         train_dataset=_dataset(16, family),
-        data_collator=_PadCollator(pad),
+        data_collator=PadCollator(pad),
         callbacks=[catcher],
     )
     trainer.train()
@@ -107,7 +66,7 @@ def test_every_tuner_and_family_trains_end_to_end(tmp_path, family, tuner):
     args = _args(tmp_path, max_steps=3, per_device_train_batch_size=4)
     pad = 1 if family == "roberta" else 0
     trainer = ObliviateTrainer(
-        model=model, args=args, train_dataset=_dataset(12, family), data_collator=_PadCollator(pad)
+        model=model, args=args, train_dataset=_dataset(12, family), data_collator=PadCollator(pad)
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -129,7 +88,7 @@ def test_defense_changes_training_and_eval_is_untouched(tmp_path):
     data = _dataset(8)
     args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, eval_strategy="no")
     trainer = ObliviateTrainer(
-        model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=_PadCollator(0)
+        model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=PadCollator(0)
     )
     trainer.train()
     metrics = trainer.evaluate()
@@ -139,7 +98,7 @@ def test_defense_changes_training_and_eval_is_untouched(tmp_path):
 def test_plain_mode_logs_no_terms(tmp_path):
     model = tiny_peft_model("bert", "lora")
     args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, obliviate=False)
-    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=_PadCollator(0))
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=PadCollator(0))
     trainer.train()
     assert trainer.obliviate_defense is None
     assert not any("loss_attn" in entry for entry in trainer.state.log_history)
@@ -163,7 +122,7 @@ def test_non_peft_model_gets_clear_error(tmp_path):
 def test_model_card_carries_tag(tmp_path):
     model = tiny_peft_model("bert", "lora")
     args = _args(tmp_path, max_steps=1, per_device_train_batch_size=4)
-    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(4), data_collator=_PadCollator(0))
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(4), data_collator=PadCollator(0))
     trainer.create_model_card(model_name="tiny")
     card = (tmp_path / "README.md").read_text()
     assert "obliviate" in card and "backdoor-defense" in card
@@ -215,7 +174,7 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path):
         tmp_path / "run", max_steps=2, per_device_train_batch_size=4, push_to_hub=True, hub_model_id="me/tiny",
         delta_compression="bitdelta", delta_base_model=str(base_dir), delta_dry_run_dir=str(dry),
     )  # fmt: skip
-    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=_PadCollator(0))
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=PadCollator(0))
     trainer.train()
     trainer.push_to_hub()
     meta = json.loads((dry / "obliviate_delta.json").read_text())

@@ -11,6 +11,7 @@ from transformers import (
     LlamaForSequenceClassification,
     RobertaConfig,
     RobertaForSequenceClassification,
+    TrainerCallback,
 )
 
 from hf_obliviate.bottleneck import BottleneckConfig, get_bottleneck_model
@@ -135,3 +136,51 @@ def tiny_causal_lm(vocab_size: int, attn_implementation: str = "sdpa", seed: int
         attn_implementation=attn_implementation,
     )
     return LlamaForCausalLM(config)
+
+
+def quiet_training_kwargs(output_dir, **overrides) -> dict:
+    """Deterministic, quiet, CPU-only training arguments for the trainer tests (defense on, strong coefficients)."""
+    kwargs = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        max_grad_norm=0.0,
+        lambda_amp=1e-2,
+        lambda_attn=1e-1,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+class GradCatcher(TrainerCallback):
+    """Keeps the gradients of the first optimizer step."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+class PadCollator:
+    """Pads to the longest example of each micro-batch (so accumulation micro-batches differ in length)."""
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def __call__(self, features):
+        length = max(len(f["input_ids"]) for f in features)
+        ids = [f["input_ids"] + [self.pad_id] * (length - len(f["input_ids"])) for f in features]
+        mask = [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
+        return {
+            "input_ids": torch.tensor(ids),
+            "attention_mask": torch.tensor(mask),
+            "labels": torch.tensor([f["labels"] for f in features]),
+        }
