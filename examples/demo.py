@@ -2,10 +2,12 @@
 
 1. Plant a POR backdoor in the bundled MiniLM-L6 on IMDB sentences (cached after the first run).
 2. Fine-tune LoRA on Rotten Tomatoes sentences twice: undefended, and with the Obliviate defense.
-3. Print clean accuracy (CACC) and attack success rate (ASR) side by side.
+3. Print clean accuracy (CACC) and attack success rate (ASR) side by side; save both fine-tunes as artifacts for the
+   Space (``demo-undefended``, ``demo-defended``).
+4. Push the defended fine-tune's BitDelta delta through a local Hub endpoint and pull it back (base verified).
 
-On 2 idle CPU cores: about 20 minutes the first time (planting ~12), about 10 afterwards (measured: 42 minutes on
-a machine shared with other jobs). ``--quick`` shrinks everything to check the plumbing in about a minute.
+On 2 idle CPU cores: about 20 minutes the first time (planting ~12), about 10 afterwards (measured: 42 and 66 minutes
+on a machine shared with other jobs). ``--quick`` shrinks everything to check the plumbing (4 minutes, loaded).
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ def main() -> None:
     from hf_obliviate.attacks import get_attack_config, load_attack_info, plant_backdoor
     from hf_obliviate.attacks._common import attack_cache_dir
     from hf_obliviate.bundled import minilm_path
-    from hf_obliviate.data import load_movie_reviews
+    from hf_obliviate.data import SENTIMENT_LABELS, load_movie_reviews
     from hf_obliviate.evaluation import build_eval_set, evaluate_backdoor
     from hf_obliviate.models import load_classifier, wrap_peft
     from hf_obliviate.trainer import ObliviateTrainingArguments, fine_tune
 
-    torch.set_num_threads(os.cpu_count() or 2)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 2)
     start = time.time()
-    print(f"[1/3] Planting POR in the bundled MiniLM-L6 ({args.plant_steps} steps; cached after the first run)")
+    print(f"[1/4] Planting POR in the bundled MiniLM-L6 ({args.plant_steps} steps; cached after the first run)")
     config = get_attack_config("por", num_steps=args.plant_steps)
     plant_backdoor("por", minilm_path(), config=config)
     encoder = attack_cache_dir("por", config, minilm_path())
@@ -51,12 +54,14 @@ def main() -> None:
     train = load_movie_reviews("train", n=args.train, seed=0)
     eval_set = build_eval_set(load_movie_reviews("test"), triggers=triggers, n=args.test, seed=0)
     defaults = ObliviateConfig()
-    results = {}
+    results, saved = {}, {}
     for step, defended in ((2, False), (3, True)):
         name = "Obliviate" if defended else "undefended"
-        print(f"[{step}/3] LoRA fine-tune on {len(train)} Rotten Tomatoes sentences, {name}")
+        print(f"[{step}/4] LoRA fine-tune on {len(train)} Rotten Tomatoes sentences, {name}")
         torch.manual_seed(0)
         model, tokenizer = load_classifier(encoder)
+        model.config.id2label = dict(enumerate(SENTIMENT_LABELS))
+        model.config.label2id = {label: i for i, label in enumerate(SENTIMENT_LABELS)}
         model = wrap_peft(model, "lora")
         training = ObliviateTrainingArguments(
             output_dir=f"demo-out/{'defended' if defended else 'undefended'}",
@@ -81,7 +86,8 @@ def main() -> None:
             "cacc": results[name].cacc, "asr": results[name].asr,
         }  # fmt: skip
         artifact = f"demo{'-quick' if args.quick else ''}-{'defended' if defended else 'undefended'}"
-        print(f"      saved to {save_artifact(model, tokenizer, artifact, 'classifier', info)}")
+        saved["defended" if defended else "undefended"] = save_artifact(model, tokenizer, artifact, "classifier", info)
+        print(f"      saved to {saved['defended' if defended else 'undefended']}")
 
     print(f"\nBackdoored MiniLM-L6 (POR, triggers {', '.join(triggers)}), LoRA on Rotten Tomatoes")
     print(f"{'':<12}{'CACC':>8}{'ASR':>8}")
@@ -91,7 +97,40 @@ def main() -> None:
     before, after = results["undefended"].asr, results["Obliviate"].asr
     if before > 0:
         print(f"ASR reduction: {100 * (before - after) / before:.1f}%")
+    push_and_pull(saved["defended"], encoder)
     print(f"({(time.time() - start) / 60:.1f} min)")
+
+
+def push_and_pull(model_dir, base_dir) -> None:
+    """Push the defended model's BitDelta delta through a local Hub endpoint and pull it back, as a user would with
+    the Hub (``hf-obliviate push`` / ``pull`` in subprocesses: huggingface_hub reads ``HF_ENDPOINT`` at import)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_obliviate.hub.local import LocalHub
+
+    print("[4/4] Pushing the defended fine-tune as a 1-bit delta through a local Hub endpoint, and pulling it back")
+    with tempfile.TemporaryDirectory() as tmp, LocalHub(Path(tmp) / "hub", require_token="hf_demo") as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_demo", "HF_HUB_OFFLINE": "0"}
+        cli = [sys.executable, "-m", "hf_obliviate.cli"]
+        repo = "local-user/minilm-por-lora-obliviate-delta"
+        common = ["--base_model", str(base_dir), "--repo_id", repo]
+        subprocess.run([*cli, "push", "--model", str(model_dir), *common], env=env, check=True)
+        rebuilt = Path(tmp) / "rebuilt"
+        subprocess.run([*cli, "pull", *common, "--output_dir", str(rebuilt)], env=env, check=True)
+        size = sum(f.stat().st_size for f in (Path(tmp) / "hub").rglob("*") if f.is_file())
+        full = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+        ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
+        with torch.no_grad():
+            a = AutoModelForSequenceClassification.from_pretrained(model_dir)(input_ids=ids).logits
+            b = AutoModelForSequenceClassification.from_pretrained(rebuilt)(input_ids=ids).logits
+        print(f"      {repo} at {hub.endpoint}: {size / 2**20:.1f} MiB stored for a {full / 2**20:.1f} MiB model")
+        print(f"      logits on one sentence: fine-tune {a.squeeze().tolist()}, pulled {b.squeeze().tolist()}")
 
 
 if __name__ == "__main__":

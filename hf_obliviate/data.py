@@ -44,6 +44,9 @@ def _read_rows() -> tuple[tuple[str, int, str], ...]:
         return tuple((row["text"], int(row["label"]), row["source"]) for row in csv.DictReader(handle))
 
 
+SENTIMENT_LABELS = ("negative", "positive")  # label ids 0 and 1 of the movie-review sentences
+
+
 def load_movie_reviews(
     split: str = "train", n: int | None = None, seed: int = 0, source: str = "rotten_tomatoes"
 ) -> list[dict]:
