@@ -33,25 +33,28 @@ import torch
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
 PEFTS = ("lora", "prefix", "adapter")
-LEARNING_RATES = {"lora": 5e-4, "prefix": 1e-2, "adapter": 1e-3}
+LEARNING_RATES = {"lora": 1e-3, "prefix": 1e-2, "adapter": 1e-3}
 GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (0.0, 3e-2))
 
 
 @dataclass
 class Sizes:
-    """Run sizes. The defaults are chosen to fit about 90 minutes on 2 CPU cores with the planted encoders cached
-    (≈ 68 fine-tunes of 80 steps at ~0.6 s, each evaluated on 300 sentences × 7 copies); an estimate from per-step
-    timings, not yet a measured end-to-end run. On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000``."""
+    """Run sizes, chosen to fit a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
+    hour there (once; cached), the ≈ 73 fine-tunes of 100 steps, each evaluated on 200 sentences × (1 + 3 triggers)
+    copies, about 1.2 min each on idle cores. LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR
+    encoder; at 60 steps and lr 5e-4 it stayed at chance, 0.55). Under contention run it with ``OMP_NUM_THREADS=1``:
+    two threads competing with other processes were 7× slower per step here. On a GPU use e.g. ``--train 4000
+    --epochs 2 --eval-n 1000``."""
 
-    train: int = 1280
+    train: int = 1600
     epochs: float = 1.0
     batch: int = 16
     max_length: int = 64
-    eval_n: int = 300
-    val_n: int = 300
+    eval_n: int = 200
+    val_n: int = 200
     plant_steps: int = 300
     plant_batch: int = 16
-    mlm_warmup: int | None = None  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default)
+    mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
     seeds: tuple[int, ...] = (0, 1)
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
@@ -246,8 +249,10 @@ def summarise(cells: list[dict]) -> list[dict]:
             continue
         groups.setdefault((cell["encoder"], cell["peft"]), {}).setdefault(cell["defended"], []).append(cell)
     for (encoder, peft), by in groups.items():
-        und, dfd = by.get(False, []), by.get(True, [])
-        if not und or not dfd:
+        paired = {c["seed"] for c in by.get(False, [])} & {c["seed"] for c in by.get(True, [])}
+        und = [c for c in by.get(False, []) if c["seed"] in paired]  # seeds with both runs only: a cut-short
+        dfd = [c for c in by.get(True, []) if c["seed"] in paired]  # run must not compare unlike seeds
+        if not paired:
             continue
         mean = statistics.mean
         asr_u, asr_d = mean(c["asr"] for c in und), mean(c["asr"] for c in dfd)
@@ -264,6 +269,13 @@ def summarise(cells: list[dict]) -> list[dict]:
     return rows
 
 
+def planned_cells(sizes: Sizes) -> int:
+    """Fine-tunes a full run makes: the coefficient search, then per seed every encoder × PEFT type plus the
+    task-specific and adaptive rows, each undefended and defended."""
+    per_seed = (1 + len(sizes.attacks)) * len(sizes.pefts) * 2 + 4
+    return len(sizes.grid) + 1 + len(sizes.seeds) * per_seed
+
+
 def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float) -> None:
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
     reductions = [r["asr_reduction"] for r in attack_rows if r["asr_reduction"] == r["asr_reduction"]]
@@ -272,6 +284,8 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
         "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
     }
+    done = sum(r["seeds"] * 2 for r in rows) + len(tuning)
+    summary["cells_done"], summary["cells_planned"] = done, planned_cells(sizes)
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +329,12 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
+    if summary["cells_done"] < summary["cells_planned"]:
+        lines += [
+            "",
+            f"**Incomplete run: {summary['cells_done']} of {summary['cells_planned']} planned fine-tunes are in these "
+            "tables** (a row appears once a seed has both its undefended and defended run). `--resume` continues it.",
+        ]
     lines += [
         "",
         f"Mean ASR reduction over the task-agnostic attacks and PEFT types: "
@@ -406,26 +426,33 @@ def main() -> None:
         write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall)
         print(args.out.with_suffix(".md").read_text())
         return
-    paths = {attack: plant(attack, sizes) for attack in sizes.attacks}
-    adaptive_path = plant("por", sizes, adaptive=True)
+    # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has
+    # complete first-seed rows for everything it reached (the POR encoder the coefficient search needs comes first).
+    planted: dict[str, Path] = {}
+
+    def encoder_path(attack: str) -> Path:
+        if attack not in planted:
+            planted[attack] = plant("por", sizes, adaptive=True) if attack == "adaptive-por" else plant(attack, sizes)
+        return planted[attack]
+
     if args.lambdas:
         lambdas, tuning = tuple(args.lambdas), []
     else:
-        lambdas, tuning = choose_lambdas(journal, paths["por"], sizes)
+        lambdas, tuning = choose_lambdas(journal, encoder_path("por"), sizes)
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
-    encoders: list[tuple[str, Path | None, dict]] = [("clean", None, {})]
-    encoders += [(attack, paths[attack], {}) for attack in sizes.attacks]
-    # Seed-major order: if a run is cut short, every cell has its first seed before any gets a second.
+    first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
+    encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
     for seed in sizes.seeds:
-        for encoder, path, extra in encoders:
+        for encoder in encoders:
+            path = None if encoder == "clean" else encoder_path(encoder)
             for peft in sizes.pefts:
                 for defended in (False, True):
                     journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=defended,
-                                lambdas=lambdas, sizes=sizes, **extra)  # fmt: skip
+                                lambdas=lambdas, sizes=sizes)  # fmt: skip
         for defended in (False, True):
             journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
                         lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip
-            journal.run(encoder="adaptive-por", encoder_path=adaptive_path, peft="lora", seed=seed,
+            journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora", seed=seed,
                         defended=defended, lambdas=lambdas, sizes=sizes)  # fmt: skip
     rows = summarise(list(journal.cells.values()))
     write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start)

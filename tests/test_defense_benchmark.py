@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,7 +33,11 @@ def test_defense_benchmark_quick(tmp_path):
     for cell in data["cells"]:
         assert 0.0 <= cell["cacc_plain"] <= 1.0 and 0.0 <= cell["cacc_defended"] <= 1.0
         low = -1.0 if cell["metric"] == "accuracy_drop" else 0.0  # triggered copies may be classified better
-        assert low <= cell["asr_plain"] <= 1.0 and low <= cell["asr_defended"] <= 1.0
+        for key in ("asr_plain", "asr_defended"):
+            if math.isnan(cell[key]):  # no clean copy was classified right (tiny run): the cell must say so
+                assert cell["near_chance"] and cell["metric"] != "accuracy_drop", cell
+            else:
+                assert low <= cell[key] <= 1.0, cell
     assert {c["metric"] for c in data["cells"]} == {"asr", "accuracy_drop", "targeted_asr"}
     assert data["tuning"] and all(c["split"] == "validation" for c in data["tuning"])
     table = out.with_suffix(".md").read_text()
