@@ -57,6 +57,7 @@ def main() -> None:
     results, saved = {}, {}
     for step, defended in ((2, False), (3, True)):
         name = "Obliviate" if defended else "undefended"
+        role = "defended" if defended else "undefended"
         print(f"[{step}/4] LoRA fine-tune on {len(train)} Rotten Tomatoes sentences, {name}")
         torch.manual_seed(0)
         model, tokenizer = load_classifier(encoder)
@@ -64,7 +65,7 @@ def main() -> None:
         model.config.label2id = {label: i for i, label in enumerate(SENTIMENT_LABELS)}
         model = wrap_peft(model, "lora")
         training = ObliviateTrainingArguments(
-            output_dir=f"demo-out/{'defended' if defended else 'undefended'}",
+            output_dir=f"demo-out/{role}",
             obliviate=defended,
             lambda_amp=defaults.lambda_amp if defended else 0.0,
             lambda_attn=defaults.lambda_attn if defended else 0.0,
@@ -85,9 +86,9 @@ def main() -> None:
             "lambda_amp": training.lambda_amp, "lambda_attn": training.lambda_attn,
             "cacc": results[name].cacc, "asr": results[name].asr,
         }  # fmt: skip
-        artifact = f"demo{'-quick' if args.quick else ''}-{'defended' if defended else 'undefended'}"
-        saved["defended" if defended else "undefended"] = save_artifact(model, tokenizer, artifact, "classifier", info)
-        print(f"      saved to {saved['defended' if defended else 'undefended']}")
+        artifact = f"demo{'-quick' if args.quick else ''}-{role}"
+        saved[role] = save_artifact(model, tokenizer, artifact, "classifier", info)
+        print(f"      saved to {saved[role]}")
 
     print(f"\nBackdoored MiniLM-L6 (POR, triggers {', '.join(triggers)}), LoRA on Rotten Tomatoes")
     print(f"{'':<12}{'CACC':>8}{'ASR':>8}")
