@@ -39,10 +39,9 @@ import torch
 from safetensors.torch import save_file
 
 from hf_obliviate.delta import (
+    BitDeltaPairEncoder,
     CompressedDelta,
     DistillConfig,
-    bitdelta_decode,
-    bitdelta_encode,
     compress_model,
     distill_scales,
     logit_mse,
@@ -76,14 +75,18 @@ def throughput(pairs: list[tuple[torch.Tensor, torch.Tensor]], repeats: int) -> 
     nbytes = sum(ft.numel() * ft.element_size() for _, ft in pairs)
     encoded: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def compress() -> None:
+    def compress() -> None:  # what `hf-obliviate compress` runs per Linear: one fused pass over chunk pairs
         encoded.clear()
         for base, ft in pairs:
-            encoded.append(bitdelta_encode(ft.float() - base.float(), 1))
+            encoder = BitDeltaPairEncoder.from_tensors(base, ft)
+            encoded.append(encoder.entry(tuple(ft.shape)))
+            encoder.rel_error  # noqa: B018 - the statistic the command records, part of the cost
 
-    def decompress() -> None:
-        for (base, ft), (signs, alphas) in zip(pairs, encoded):
-            (base.float() + bitdelta_decode(signs, alphas, tuple(ft.shape))).to(ft.dtype)
+    targets = [base.clone() for base, _ in pairs]  # the loaded base model's parameters, updated in place
+
+    def decompress() -> None:  # what the loader runs (`CompressedDelta.apply`): base += α·sign, chunk by chunk
+        for target, entry in zip(targets, encoded):
+            entry.add_to_(target)
 
     def copy() -> None:
         for _, ft in pairs:

@@ -78,31 +78,52 @@ def test_stream_matches_in_memory(tmp_path):
 
 
 def test_stream_peak_tensors_bounded(tmp_path, monkeypatch):
-    """Counts tensors materialised from the checkpoints that are alive at once: a few, never a model's worth."""
+    """Counts the elements materialised from the checkpoints that are alive at once: a few chunks, never a tensor."""
+    from hf_obliviate.delta import compress as compress_module
+
     base = tiny_llama()
     ft = finetune(base)
     base.save_pretrained(tmp_path / "base", max_shard_size="20KB")
     ft.save_pretrained(tmp_path / "ft", max_shard_size="20KB")
-    n_tensors = len(base.state_dict())
-    live = {"now": 0, "peak": 0, "total": 0}
-    original_get = checkpoint_module.CheckpointReader.get
+    state = base.state_dict()
+    chunk = 64
+    monkeypatch.setattr(compress_module, "CHUNK_ELEMS", chunk)
+    live = {"now": 0, "peak": 0, "total": 0, "whole": 0}
 
-    def release():
-        live["now"] -= 1
-
-    def counting_get(self, name):
-        tensor = original_get(self, name)
-        live["now"] += 1
-        live["total"] += 1
+    def track(tensor):
+        live["now"] += tensor.numel()
+        live["total"] += tensor.numel()
         live["peak"] = max(live["peak"], live["now"])
-        weakref.finalize(tensor, release)
+        weakref.finalize(tensor, release, tensor.numel())
         return tensor
 
+    def release(n):
+        live["now"] -= n
+
+    original_get = checkpoint_module.CheckpointReader.get
+    original_chunks = checkpoint_module.CheckpointReader.chunks
+
+    def counting_get(self, name):
+        live["whole"] += 1
+        return track(original_get(self, name))
+
+    def counting_chunks(self, name, chunk_elems=1 << 18):
+        for piece in original_chunks(self, name, chunk_elems):
+            yield track(piece)
+
     monkeypatch.setattr(checkpoint_module.CheckpointReader, "get", counting_get)
+    monkeypatch.setattr(checkpoint_module.CheckpointReader, "chunks", counting_chunks)
     compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", progress=False)
-    assert live["total"] == 2 * n_tensors  # every tensor of both checkpoints was read exactly once
-    assert n_tensors > 25 and live["peak"] <= 2, live  # one base tensor + one fine-tuned tensor at a time
+    largest = max(t.numel() for t in state.values())
+    assert live["total"] == 2 * sum(t.numel() for t in state.values())  # every tensor of both read exactly once
+    assert live["whole"] == 0  # plain BitDelta and dense deltas never materialise a whole tensor
+    assert largest > 16 * chunk and live["peak"] <= 4 * chunk, live  # a base and a fine-tuned chunk (+ next pair)
     assert live["now"] == 0
+    delta = CompressedDelta.load(tmp_path / "delta")
+    reference = compress_model(base, ft)  # the in-memory path (chunks of the default size) agrees
+    assert delta.modules == reference.modules
+    for name in delta.modules:
+        torch.testing.assert_close(delta.entries[name].decode(), reference.entries[name].decode())
 
 
 @pytest.mark.slow

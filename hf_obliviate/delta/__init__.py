@@ -6,6 +6,7 @@ Plain torch + safetensors; importing this package does not import transformers, 
 from .checkpoint import CheckpointReader, fingerprint_checkpoint, linear_weight_names
 from .codec import (
     BitDeltaCompressor,
+    BitDeltaPairEncoder,
     DareCompressor,
     DeltaCompressor,
     DeltaEntry,
@@ -40,6 +41,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BaseMismatchError",
     "BitDeltaCompressor",
+    "BitDeltaPairEncoder",
     "CheckpointReader",
     "CompressedDelta",
     "CorruptDeltaError",

@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -111,6 +112,28 @@ class _SafetensorsFile:
             raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def chunks(self, name: str, chunk_elems: int) -> Iterator[torch.Tensor]:
+        """The flattened tensor in consecutive pieces of ``chunk_elems`` elements, each read when it is needed."""
+        info = self.header[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None or sys.byteorder != "little":
+            yield from self.get(name).reshape(-1).split(chunk_elems)
+            return
+        start, end = info["data_offsets"]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if numel * itemsize != end - start:
+            raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}.")
+        step = chunk_elems * itemsize
+        for offset in range(start, end, step):
+            buf = bytearray(min(step, end - offset))
+            self._f.seek(self._data_start + offset)  # every chunk seeks: readers of several tensors may interleave
+            if self._f.readinto(buf) != len(buf):
+                raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
+            yield torch.frombuffer(buf, dtype=dtype)
+
     def close(self) -> None:
         self._f.close()
         if self._mmap is not None:
@@ -200,6 +223,14 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         """Materialises one tensor (a fresh CPU tensor that owns its memory)."""
         return self._handle(name).get(name)
+
+    def chunks(self, name: str, chunk_elems: int = 1 << 18) -> Iterator[torch.Tensor]:
+        """Reads one tensor as flat pieces of ``chunk_elems`` elements (the last may be shorter), never all at once."""
+        return self._handle(name).chunks(name, chunk_elems)
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The stored dtype (``None`` for dtypes read through safetensors itself, such as fp8)."""
+        return _ST_DTYPES.get(self._handle(name).header[name]["dtype"])
 
     def config(self) -> dict | None:
         path = self.folder / "config.json"

@@ -11,12 +11,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 from .format import ShapeMismatchError, pack_signs, unpack_signs
 
 __all__ = [
     "BitDeltaCompressor",
+    "BitDeltaPairEncoder",
     "DareCompressor",
     "DeltaCompressor",
     "DeltaEntry",
@@ -72,6 +74,43 @@ class DeltaEntry:
         if tuple(out.shape) != tuple(self.shape):
             raise ShapeMismatchError(f"Decoded a {tuple(out.shape)} tensor for an entry of shape {self.shape}.")
         return out
+
+    @torch.no_grad()
+    def add_to_(self, target: torch.Tensor, chunk_elems: int = 1 << 18) -> torch.Tensor:
+        """Adds the decoded delta to ``target`` in place (in fp32, then cast back) and returns it.
+
+        BitDelta entries on a contiguous CPU tensor are decoded chunk by chunk into the target, without a full-size
+        fp32 delta; the result is the same as ``target + decode()``. Other kinds decode first.
+        """
+        if tuple(target.shape) != tuple(self.shape):
+            raise ShapeMismatchError(f"A delta of shape {list(self.shape)} cannot be added to {list(target.shape)}.")
+        if self.kind != BitDeltaCompressor.name or target.device.type != "cpu" or not target.is_contiguous():
+            target.copy_((target.float() + self.decode().to(target.device)).to(target.dtype))
+            return target
+        signs, alphas = self.tensors["signs"], self.tensors["alpha"].float().tolist()
+        _check_bitdelta_parts(self.tensors["signs"], self.tensors["alpha"], self.numel)
+        numel = self.numel
+        flat = target.detach().view(-1)
+        chunk_elems -= chunk_elems % 8
+        for start in range(0, numel, chunk_elems):
+            stop = min(start + chunk_elems, numel)
+            piece = flat[start:stop]
+            delta = None
+            for j in range(signs.shape[0]):
+                bits = np.unpackbits(
+                    signs[j, start // 8 : (stop + 7) // 8].numpy(), count=stop - start, bitorder="little"
+                )
+                mask = bits.astype(np.float32)
+                mask *= np.float32(2 * alphas[j])
+                mask -= np.float32(alphas[j])  # ±alpha_j, exactly
+                delta = mask if delta is None else np.add(delta, mask, out=delta)
+            if delta is None:
+                continue
+            if piece.dtype == torch.float32:
+                np.add(piece.numpy(), delta, out=piece.numpy())
+            else:
+                piece.copy_(torch.from_numpy(np.add(piece.float().numpy(), delta)))
+        return target
 
 
 @runtime_checkable
@@ -129,19 +168,135 @@ def bitdelta_encode(delta: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torc
     return torch.stack(signs).contiguous(), torch.stack(alphas).float().contiguous()
 
 
-def bitdelta_decode(signs: torch.Tensor, alphas: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of [`bitdelta_encode`]: ``sum_j alpha_j * sign_j`` in fp32."""
+def _check_bitdelta_parts(signs: torch.Tensor, alphas: torch.Tensor, numel: int | None = None) -> None:
     if signs.dim() != 2 or alphas.dim() != 1 or signs.shape[0] != alphas.shape[0]:
         raise ShapeMismatchError(
             f"BitDelta parts disagree: signs {tuple(signs.shape)}, alphas {tuple(alphas.shape)} "
             "(expected [k, n] and [k])."
         )
+    if numel is not None and (signs.dtype != torch.uint8 or signs.shape[1] != (numel + 7) // 8):
+        raise ShapeMismatchError(
+            f"Packed signs hold {signs.shape[1]} bytes of {signs.dtype} per mask, expected {(numel + 7) // 8} uint8 "
+            "bytes: the delta file is corrupt or was written for another model."
+        )
+
+
+def bitdelta_decode(signs: torch.Tensor, alphas: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of [`bitdelta_encode`]: ``sum_j alpha_j * sign_j`` in fp32."""
+    _check_bitdelta_parts(signs, alphas)
     if signs.shape[0] == 0:
         return torch.zeros(shape, dtype=torch.float32)
     out = unpack_signs(signs[0], shape).mul_(alphas[0].float())
     for j in range(1, signs.shape[0]):  # in place: peak memory is two tensors of the output size
         out.add_(unpack_signs(signs[j], shape).mul_(alphas[j].float()))
     return out
+
+
+_ONES: dict[int, np.ndarray] = {}
+
+
+def _ones(n: int) -> np.ndarray:
+    """A cached fp32 vector of ones (``dot(|x|, 1)`` is a fast BLAS sum)."""
+    size = 1 << max(n - 1, 0).bit_length()
+    if size not in _ONES:
+        _ONES[size] = np.ones(size, dtype=np.float32)
+    return _ONES[size][:n]
+
+
+class BitDeltaPairEncoder:
+    """Plain BitDelta (k = 1) of ``ft - base`` in one fused pass over matching chunks of the two tensors.
+
+    Each chunk's fp32 difference lives only in cache: its signs are packed at once and only ``sum |Δ|`` and
+    ``sum Δ²`` are kept, so the full fp32 delta is never materialised (streaming compression reads the two
+    checkpoints in chunks into it). The relative error needs no decode pass either: with ``α = mean |Δ|``,
+    ``||Δ - α·sign(Δ)||² = ||Δ||² - n·α²``. Feed chunks in order; every chunk but the last must hold a multiple of
+    8 elements.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.delta.codec import BitDeltaPairEncoder, bitdelta_encode
+    >>> base, ft = torch.randn(64, 32), torch.randn(64, 32)
+    >>> enc = BitDeltaPairEncoder(base.numel())
+    >>> for b, f in zip(base.reshape(-1).split(512), ft.reshape(-1).split(512)):
+    ...     enc.update(b, f)
+    >>> signs, alpha = bitdelta_encode(ft - base, k=1)
+    >>> torch.equal(enc.signs, signs), torch.allclose(enc.alpha, alpha)
+    (True, True)
+
+    ```
+    """
+
+    def __init__(self, numel: int):
+        self.numel = int(numel)
+        self._packed = torch.empty((self.numel + 7) // 8, dtype=torch.uint8)
+        self._seen = 0
+        self._l1 = 0.0
+        self._sq = 0.0
+
+    @classmethod
+    def from_tensors(cls, base: torch.Tensor, ft: torch.Tensor, chunk_elems: int = 1 << 18) -> BitDeltaPairEncoder:
+        """Encodes two in-memory tensors of the same shape, chunk by chunk."""
+        if tuple(base.shape) != tuple(ft.shape):
+            raise ShapeMismatchError(f"Base {list(base.shape)} and fine-tuned {list(ft.shape)} shapes differ.")
+        encoder = cls(ft.numel())
+        for base_chunk, ft_chunk in zip(base.reshape(-1).split(chunk_elems), ft.reshape(-1).split(chunk_elems)):
+            encoder.update(base_chunk, ft_chunk)
+        return encoder
+
+    def update(self, base_chunk: torch.Tensor, ft_chunk: torch.Tensor) -> None:
+        """Adds the next chunk (flat, same length in both); chunks must come in order."""
+        n = ft_chunk.numel()
+        if base_chunk.numel() != n or self._seen % 8 or self._seen + n > self.numel:
+            raise ShapeMismatchError(
+                f"BitDelta chunk of {n} elements at offset {self._seen} does not fit a tensor of {self.numel} "
+                "(chunks must match in length and all but the last hold a multiple of 8 elements)."
+            )
+        start = self._seen // 8
+        ft32, base32 = ft_chunk.reshape(-1).float(), base_chunk.reshape(-1).float()
+        if ft32.device.type == "cpu" and base32.device.type == "cpu":
+            # numpy: its elementwise kernels and BLAS dots run several times faster than torch's on one CPU thread
+            delta = np.subtract(ft32.numpy(), base32.numpy())
+            packed = np.packbits(delta >= 0, bitorder="little")
+            self._sq += float(np.dot(delta, delta))
+            self._l1 += float(np.dot(np.abs(delta, out=delta), _ones(n)))
+            self._packed[start : start + packed.size] = torch.from_numpy(packed)
+        else:
+            delta = ft32 - base32.to(ft32.device)
+            self._sq += float(torch.dot(delta, delta))
+            self._l1 += float(torch.linalg.vector_norm(delta, ord=1))
+            packed = pack_signs(delta)
+            self._packed[start : start + packed.numel()] = packed
+        self._seen += n
+
+    @property
+    def changed(self) -> bool:
+        """Whether any element differs (a zero delta is not stored at all)."""
+        return self._l1 > 0.0 or self._sq != self._sq  # NaN: differs, and is stored as such
+
+    @property
+    def signs(self) -> torch.Tensor:
+        """``[1, ceil(n / 8)]`` packed sign mask (same layout as [`bitdelta_encode`])."""
+        if self._seen != self.numel:
+            raise ShapeMismatchError(f"BitDelta saw {self._seen} of {self.numel} elements: a chunk is missing.")
+        return self._packed.unsqueeze(0)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """``[1]`` fp32 scale, mean ``|Δ|`` (accumulated in float64 across chunks)."""
+        return torch.tensor([self._l1 / max(self.numel, 1)], dtype=torch.float32)
+
+    @property
+    def rel_error(self) -> float:
+        """``||Δ - α·sign(Δ)||_F / ||Δ||_F`` in closed form (0 for a zero delta)."""
+        if self._sq <= 0.0:
+            return 0.0
+        mean = self._l1 / max(self.numel, 1)
+        return max(self._sq - self.numel * mean * mean, 0.0) ** 0.5 / self._sq**0.5
+
+    def entry(self, shape: tuple[int, ...]) -> DeltaEntry:
+        return DeltaEntry(BitDeltaCompressor.name, tuple(shape), {"signs": self.signs, "alpha": self.alpha})
 
 
 @register_compressor

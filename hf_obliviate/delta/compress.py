@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointReader, linear_weight_names, linear_weight_names_from_config, resolve_checkpoint
-from .codec import DeltaCompressor, DeltaEntry, _dtype, get_compressor
+from .codec import BitDeltaCompressor, BitDeltaPairEncoder, DeltaCompressor, DeltaEntry, _dtype, get_compressor
 from .container import CompressedDelta, ShardWriter, _write_json_atomic, build_metadata, size_report
 from .format import DELTA_CONFIG_NAME, Fingerprinter, dedup_state_dict, fingerprint_tensors
 
@@ -32,6 +32,52 @@ def _check_options(non_linear: str, dense_dtype: str) -> None:
     _dtype(dense_dtype)
 
 
+CHUNK_ELEMS = 1 << 18  # 1 MiB of fp32: a chunk's temporaries stay in cache
+
+
+def _chunked(compressor: DeltaCompressor, is_linear: bool) -> bool:
+    """Whether a changed parameter can be encoded from matching chunks (plain BitDelta and dense deltas can)."""
+    return not is_linear or (isinstance(compressor, BitDeltaCompressor) and compressor.k == 1)
+
+
+def _encode_chunks(
+    shape: tuple[int, ...],
+    pairs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    is_linear: bool,
+    non_linear: str,
+    dense_dtype: str,
+) -> tuple[DeltaEntry | None, float | None, bool]:
+    """[`_encode_one`] for a base and fine-tuned tensor of the same shape, given as matching flat chunk pairs.
+
+    Plain BitDelta goes through [`BitDeltaPairEncoder`]; a dense delta is written chunk by chunk into its storage
+    dtype. No full-size fp32 temporary is made, so streaming compression holds a few chunks, not a tensor.
+    """
+    numel = 1
+    for d in shape:
+        numel *= d
+    if is_linear:
+        encoder = BitDeltaPairEncoder(numel)
+        for base_chunk, ft_chunk in pairs:
+            encoder.update(base_chunk, ft_chunk)
+        if not encoder.changed:
+            return None, None, False
+        return encoder.entry(shape), encoder.rel_error, False
+    out = None if non_linear == "revert" else torch.empty(numel, dtype=_dtype(dense_dtype))
+    changed, pos = False, 0
+    for base_chunk, ft_chunk in pairs:
+        n = ft_chunk.numel()
+        if not changed and not torch.equal(base_chunk, ft_chunk):
+            changed = True
+        if out is not None:
+            out[pos : pos + n].copy_(ft_chunk.float() - base_chunk.float())
+        pos += n
+    if not changed:
+        return None, None, False
+    if out is None:
+        return None, None, True
+    return DeltaEntry("dense", tuple(shape), {"value": out.reshape(shape)}), None, False
+
+
 def _encode_one(
     name: str,
     base: torch.Tensor | None,
@@ -48,17 +94,28 @@ def _encode_one(
         # no base counterpart (a new head, a resized embedding, an integer buffer): store the fine-tuned tensor
         value = ft.to(_dtype(dense_dtype)) if ft.is_floating_point() else ft
         return DeltaEntry("full", tuple(ft.shape), {"value": value.contiguous()}), None, False
+    if _chunked(compressor, is_linear):
+        pairs = zip(base.reshape(-1).split(CHUNK_ELEMS), ft.reshape(-1).split(CHUNK_ELEMS))
+        return _encode_chunks(tuple(ft.shape), pairs, is_linear, non_linear, dense_dtype)
     if torch.equal(base, ft):
         return None, None, False
     delta = ft.to(torch.float32, copy=True).sub_(base)  # one fp32 temporary (the inputs may be fp16 / bf16)
-    if is_linear:
-        entry = compressor.encode(delta, param_name=name)
-        norm = delta.norm().clamp_min(1e-30)
-        err = entry.decode().sub_(delta).norm() / norm
-        return entry, float(err), False
-    if non_linear == "revert":
-        return None, None, True
-    return DeltaEntry("dense", tuple(ft.shape), {"value": delta.to(_dtype(dense_dtype)).contiguous()}), None, False
+    entry = compressor.encode(delta, param_name=name)
+    norm = delta.norm().clamp_min(1e-30)
+    err = entry.decode().sub_(delta).norm() / norm
+    return entry, float(err), False
+
+
+def _reader_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
+    dtype = reader.dtype(name)
+    return dtype if dtype is not None else reader.get(name).dtype  # rare dtypes: ask safetensors
+
+
+def _fed(chunks: Iterable[torch.Tensor], fingerprint: Fingerprinter) -> Iterator[torch.Tensor]:
+    """Passes chunks through, hashing each into ``fingerprint`` on the way (one read serves both)."""
+    for chunk in chunks:
+        fingerprint.feed(chunk)
+        yield chunk
 
 
 def summarize_errors(rel_errors: dict[str, float]) -> dict[str, Any]:
@@ -248,24 +305,48 @@ def compress_checkpoints(
     with CheckpointReader(base_dir) as base_reader, CheckpointReader(ft_dir) as ft_reader:
         names = sorted(set(base_reader.names()) | set(ft_reader.names()))
         for name in tqdm(names, desc="Compressing delta", disable=not progress, unit="tensor"):
-            base_t = base_reader.get(name) if name in base_reader else None
-            if base_t is not None:
-                fingerprint.update(name, base_t)
-            if name in ft_reader:
-                ft_t = ft_reader.get(name)
-                is_linear = name in linear if linear is not None else name.endswith(".weight") and ft_t.dim() == 2
-                entry, err, rev = _encode_one(name, base_t, ft_t, is_linear, compressor, non_linear, dense_dtype)
-                del ft_t
-                if entry is not None:
-                    writer.add(name, entry)
-                    sizes.append((entry.kind, entry.numel, entry.nbytes))
-                    entry_info[name] = {"kind": entry.kind, "shape": list(entry.shape), "params": entry.params}
-                    del entry
-                if err is not None:
-                    errors[name] = err
-                if rev:
-                    reverted.append(name)
-            del base_t
+            in_base, in_ft = name in base_reader, name in ft_reader
+            if in_base and not in_ft:
+                fingerprint.begin(name, base_reader.shape(name), _reader_dtype(base_reader, name))
+                for chunk in base_reader.chunks(name, CHUNK_ELEMS):
+                    fingerprint.feed(chunk)
+                continue
+            shape = ft_reader.shape(name)
+            if linear is not None:
+                is_linear = name in linear
+            else:
+                is_linear = name.endswith(".weight") and len(shape) == 2
+            ft_dtype = ft_reader.dtype(name)
+            streamable = (
+                in_base
+                and base_reader.shape(name) == shape
+                and ft_dtype is not None
+                and ft_dtype.is_floating_point
+                and base_reader.dtype(name) is not None
+                and _chunked(compressor, is_linear)
+            )
+            if streamable:
+                fingerprint.begin(name, shape, _reader_dtype(base_reader, name))
+                base_chunks = _fed(base_reader.chunks(name, CHUNK_ELEMS), fingerprint)
+                pairs = zip(base_chunks, ft_reader.chunks(name, CHUNK_ELEMS))
+                entry, err, rev = _encode_chunks(shape, pairs, is_linear, non_linear, dense_dtype)
+            else:
+                base_t = base_reader.get(name) if in_base else None
+                if base_t is not None:
+                    fingerprint.update(name, base_t)
+                entry, err, rev = _encode_one(
+                    name, base_t, ft_reader.get(name), is_linear, compressor, non_linear, dense_dtype
+                )
+                del base_t
+            if entry is not None:
+                writer.add(name, entry)
+                sizes.append((entry.kind, entry.numel, entry.nbytes))
+                entry_info[name] = {"kind": entry.kind, "shape": list(entry.shape), "params": entry.params}
+                del entry
+            if err is not None:
+                errors[name] = err
+            if rev:
+                reverted.append(name)
     entry_shard, shards = writer.finish()
     for name, info in entry_info.items():
         info["shard"] = entry_shard[name]

@@ -221,7 +221,7 @@ class CompressedDelta:
                 raise ShapeMismatchError(
                     f"{name}: the delta is for shape {list(entry.shape)}, the base parameter has {list(base.shape)}."
                 )
-            out[name] = (base.float() + entry.decode()).to(base.dtype)
+            out[name] = entry.add_to_(base.detach().clone())
         return out
 
     @torch.no_grad()
@@ -245,11 +245,10 @@ class CompressedDelta:
             )
         for name, entry in self.entries.items():
             target = state[name]
-            value = entry.decode().to(target.device)
             if entry.kind == "full":
-                target.data.copy_(value.to(target.dtype))
+                target.data.copy_(entry.decode().to(target.device, target.dtype))
             else:
-                target.data.copy_((target.data.float() + value).to(target.dtype))
+                entry.add_to_(target.data)
         return model
 
     # ---------------------------------------------------------------------------------------------------- I/O

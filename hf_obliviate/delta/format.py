@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -95,13 +96,18 @@ def pack_signs(delta: torch.Tensor) -> torch.Tensor:
 
     ```
     """
-    bits = (delta.reshape(-1) >= 0).to(torch.uint8)
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)])
-    bits = bits.view(-1, 8)
-    weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8)
-    return (bits * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8).contiguous()
+    flat = delta.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        bits = (flat >= 0).to(torch.uint8)
+        bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 8)]).view(-1, 8)
+        weights = (2 ** torch.arange(8, dtype=torch.int32, device=bits.device)).to(torch.uint8)
+        return (bits * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8).cpu().contiguous()
+    return pack_bits(flat >= 0)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Packs a flat CPU bool tensor 8 per byte, little bit order, zero-padded (numpy's ``packbits``, one C pass)."""
+    return torch.from_numpy(np.packbits(bits.numpy(), bitorder="little"))
 
 
 def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -115,9 +121,12 @@ def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype 
             f"Packed signs hold {packed.numel()} bytes of {packed.dtype}, expected {(numel + 7) // 8} uint8 bytes "
             f"for shape {list(shape)}: the delta file is corrupt or was written for another model."
         )
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1)
-    signs = bits.reshape(-1)[:numel].to(dtype)
+    if packed.device.type != "cpu":
+        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+        bits = (packed.unsqueeze(1) >> shifts).bitwise_and_(1).reshape(-1)[:numel]
+    else:
+        bits = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little"))
+    signs = bits.to(dtype)
     del bits
     return signs.mul_(2).sub_(1).reshape(shape)  # in place: one tensor of the output size, not three
 
@@ -136,14 +145,22 @@ class Fingerprinter:
         self._previous: str | None = None
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
+        self.begin(name, tuple(tensor.shape), tensor.dtype)
+        self.feed(tensor)
+
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Starts a tensor whose bytes then arrive in order through [`~Fingerprinter.feed`] (chunked reads)."""
         if self._previous is not None and name <= self._previous:
             raise ValueError(f"Fingerprints need names in increasing order, got {name!r} after {self._previous!r}.")
         self._previous = name
-        header = json.dumps([name, list(tensor.shape), str(tensor.dtype).replace("torch.", "")])
+        header = json.dumps([name, list(shape), str(dtype).replace("torch.", "")])
         self._h.update(header.encode())
         self._h.update(b"\0")
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._h.update(flat.view(torch.uint8).numpy())  # hashed in place, without a bytes copy
+
+    def feed(self, chunk: torch.Tensor) -> None:
+        """Hashes the next bytes of the current tensor (in place, without a bytes copy)."""
+        flat = chunk.detach().to("cpu").contiguous().reshape(-1)
+        self._h.update(flat.view(torch.uint8).numpy())
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
