@@ -151,3 +151,36 @@ def test_bundled_minilm_stream_and_load(tmp_path):
     with torch.no_grad():
         got, want, orig = (m(input_ids=ids).last_hidden_state for m in (rebuilt, ft, base))
     assert (got - want).norm() < (orig - want).norm()
+
+
+def test_task_model_from_bare_backbone(tmp_path):
+    """A classifier fine-tuned from a bare encoder checkpoint stores its backbone under ``bert.``: the compressor
+    matches the names, so the encoder's Linear weights are 1-bit entries (not full copies) and the delta loads back."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from hf_obliviate.hub import load_compressed
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(tmp_path / "base")
+    ft = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+    with torch.no_grad():
+        for module in ft.bert.encoder.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn_like(module.weight) * 0.01)
+    ft.save_pretrained(tmp_path / "ft")
+    out = compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", progress=False)
+    delta = CompressedDelta.load(out)
+    kinds = {name: entry.kind for name, entry in delta.entries.items()}
+    assert kinds["bert.encoder.layer.0.attention.self.query.weight"] == "bitdelta"
+    assert not any(name.startswith("bert.embeddings") for name in kinds)  # unchanged: not stored at all
+    assert {name for name, kind in kinds.items() if kind == "full"} == {"classifier.weight", "classifier.bias"}
+    assert delta.base_fingerprint == fingerprint_checkpoint(tmp_path / "base")
+    rebuilt = load_compressed(tmp_path / "base", out)
+    assert type(rebuilt).__name__ == "BertForSequenceClassification"
+    base = BertForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=2).eval()
+    base.classifier.load_state_dict(ft.classifier.state_dict())
+    expected = CompressedDelta.load(out).apply(base)
+    ids = torch.tensor([[1, 5, 7, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, expected(input_ids=ids).logits)

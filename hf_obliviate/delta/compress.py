@@ -16,7 +16,7 @@ from .codec import BitDeltaCompressor, BitDeltaPairEncoder, DeltaCompressor, Del
 from .container import CompressedDelta, ShardWriter, _write_json_atomic, build_metadata, size_report
 from .format import DELTA_CONFIG_NAME, Fingerprinter, dedup_state_dict, fingerprint_tensors
 
-__all__ = ["compress_checkpoints", "compress_delta", "compress_model", "summarize_errors"]
+__all__ = ["align_names", "compress_checkpoints", "compress_delta", "compress_model", "summarize_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,51 @@ def _encode_one(
     return entry, float(err), False
 
 
+def align_names(base_names: Iterable[str], ft_names: Iterable[str]) -> dict[str, str]:
+    """Maps fine-tuned parameter names to the base checkpoint's names.
+
+    Equal names match. A task model fine-tuned from a bare backbone (``BertForSequenceClassification`` from a
+    ``BertModel`` checkpoint) stores the backbone under a prefix (``bert.``) that the base lacks, and the reverse
+    happens too; as in transformers' own loading, the one prefix that matches the most names is stripped (or added).
+    Fine-tuned names left out (a new head) have no base counterpart.
+
+    Example:
+
+    ```python
+    >>> from hf_obliviate.delta.compress import align_names
+    >>> align_names(["embeddings.w", "encoder.q"], ["bert.embeddings.w", "bert.encoder.q", "classifier.weight"])
+    {'bert.embeddings.w': 'embeddings.w', 'bert.encoder.q': 'encoder.q'}
+
+    ```
+    """
+    base, ft = set(base_names), list(ft_names)
+    mapping = {n: n for n in ft if n in base}
+    unmatched = [n for n in ft if n not in base]
+    free_base = base - set(mapping.values())
+    if not unmatched or not free_base:
+        return mapping
+    votes: dict[tuple[str, str], int] = {}
+    for name in unmatched:
+        head, _, rest = name.partition(".")
+        if rest and rest in free_base:  # fine-tuned `prefix.x`, base `x`
+            votes[("strip", head)] = votes.get(("strip", head), 0) + 1
+    for b in free_base:
+        head, _, rest = b.partition(".")
+        if rest and rest in unmatched:  # base `prefix.x`, fine-tuned `x`
+            votes[("add", head)] = votes.get(("add", head), 0) + 1
+    if not votes:
+        return mapping
+    (how, prefix), _ = max(votes.items(), key=lambda kv: kv[1])
+    for name in unmatched:
+        target = name.partition(".")[2] if how == "strip" and name.startswith(prefix + ".") else None
+        if how == "add":
+            target = f"{prefix}.{name}"
+        if target and target in free_base:
+            mapping[name] = target
+            free_base.discard(target)
+    return mapping
+
+
 def _reader_dtype(reader: CheckpointReader, name: str) -> torch.dtype:
     dtype = reader.dtype(name)
     return dtype if dtype is not None else reader.get(name).dtype  # rare dtypes: ask safetensors
@@ -174,10 +219,11 @@ def compress_delta(
     entries: dict[str, DeltaEntry] = {}
     errors: dict[str, float] = {}
     reverted: list[str] = []
+    ft_to_base = align_names(base_state, ft_state)
     for name in tqdm(sorted(ft_state), desc="Compressing delta", disable=not progress, unit="tensor"):
-        entry, err, rev = _encode_one(
-            name, base_state.get(name), ft_state[name], name in linear, compressor, non_linear, dense_dtype
-        )
+        base_t = base_state[ft_to_base[name]] if name in ft_to_base else None
+        is_linear = name in linear
+        entry, err, rev = _encode_one(name, base_t, ft_state[name], is_linear, compressor, non_linear, dense_dtype)
         if entry is not None:
             entries[name] = entry
         if err is not None:
@@ -303,12 +349,16 @@ def compress_checkpoints(
     # the shard headers carry the method; the fingerprint is only known after the pass and lives in the json
     writer = ShardWriter(output_dir, max_shard_size, header={"method": method})
     with CheckpointReader(base_dir) as base_reader, CheckpointReader(ft_dir) as ft_reader:
-        names = sorted(set(base_reader.names()) | set(ft_reader.names()))
-        for name in tqdm(names, desc="Compressing delta", disable=not progress, unit="tensor"):
-            in_base, in_ft = name in base_reader, name in ft_reader
-            if in_base and not in_ft:
-                fingerprint.begin(name, base_reader.shape(name), _reader_dtype(base_reader, name))
-                for chunk in base_reader.chunks(name, CHUNK_ELEMS):
+        ft_to_base = align_names(base_reader.names(), ft_reader.names())
+        base_to_ft = {b: f for f, b in ft_to_base.items()}
+        # base tensors in sorted order (the fingerprint needs it), each with its fine-tuned counterpart; then the
+        # fine-tuned tensors the base lacks (a new head)
+        order = [(base_to_ft.get(b), b) for b in base_reader.names()]
+        order += [(f, None) for f in ft_reader.names() if f not in ft_to_base]
+        for name, base_name in tqdm(order, desc="Compressing delta", disable=not progress, unit="tensor"):
+            if name is None:
+                fingerprint.begin(base_name, base_reader.shape(base_name), _reader_dtype(base_reader, base_name))
+                for chunk in base_reader.chunks(base_name, CHUNK_ELEMS):
                     fingerprint.feed(chunk)
                 continue
             shape = ft_reader.shape(name)
@@ -318,22 +368,22 @@ def compress_checkpoints(
                 is_linear = name.endswith(".weight") and len(shape) == 2
             ft_dtype = ft_reader.dtype(name)
             streamable = (
-                in_base
-                and base_reader.shape(name) == shape
+                base_name is not None
+                and base_reader.shape(base_name) == shape
                 and ft_dtype is not None
                 and ft_dtype.is_floating_point
-                and base_reader.dtype(name) is not None
+                and base_reader.dtype(base_name) is not None
                 and _chunked(compressor, is_linear)
             )
             if streamable:
-                fingerprint.begin(name, shape, _reader_dtype(base_reader, name))
-                base_chunks = _fed(base_reader.chunks(name, CHUNK_ELEMS), fingerprint)
+                fingerprint.begin(base_name, shape, _reader_dtype(base_reader, base_name))
+                base_chunks = _fed(base_reader.chunks(base_name, CHUNK_ELEMS), fingerprint)
                 pairs = zip(base_chunks, ft_reader.chunks(name, CHUNK_ELEMS))
                 entry, err, rev = _encode_chunks(shape, pairs, is_linear, non_linear, dense_dtype)
             else:
-                base_t = base_reader.get(name) if in_base else None
+                base_t = base_reader.get(base_name) if base_name is not None else None
                 if base_t is not None:
-                    fingerprint.update(name, base_t)
+                    fingerprint.update(base_name, base_t)
                 entry, err, rev = _encode_one(
                     name, base_t, ft_reader.get(name), is_linear, compressor, non_linear, dense_dtype
                 )
