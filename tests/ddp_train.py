@@ -110,9 +110,69 @@ def check_sharded_amplification(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def run_fsdp2(steps: int, defended: bool = True) -> dict[str, torch.Tensor]:
+    """A plain-torch defended loop (``ObliviateDefense``, no Trainer: accelerate enables FSDP on GPUs only) on a
+    tiny LoRA Llama classifier. Under ``torch.distributed.run`` every decoder layer and the root are sharded with
+    FSDP2 (``fully_shard``, gloo, CPU) and each process takes its half of the global batch of 8; in one process the
+    model stays whole and takes all 8. Returns the whole trained LoRA tensors."""
+    import torch.distributed as dist
+    from tiny_models import tiny_peft_model
+
+    from hf_obliviate import ObliviateDefense
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("llama", "lora")
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        {"input_ids": torch.randint(3, 100, (4 + (i * 5) % 9,), generator=gen).tolist(), "labels": i % 2}
+        for i in range(N_EXAMPLES)
+    ]
+    batch = PadCollator()(rows)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        rank, per_rank = dist.get_rank(), N_EXAMPLES // world
+        batch = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
+    # large coefficients: the terms must visibly move the weights (compared with defended=False in the test)
+    defense = ObliviateDefense(model, lambda_amp=1e-2, lambda_attn=1e-1) if defended else None
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    for _ in range(steps):
+        if defense is None:
+            model(**batch).loss.backward()
+        else:
+            with defense.track(attention_mask=batch["attention_mask"]) as step:
+                out = model(**batch)
+            (out.loss + step.penalty()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if hasattr(param, "full_tensor") else param
+            trained[name] = whole.detach().float().contiguous()
+    if world > 1:
+        assert any(hasattr(p, "full_tensor") for p in model.parameters() if p.requires_grad), "not sharded"
+        dist.barrier()
+        dist.destroy_process_group()
+    return trained
+
+
 def main() -> None:
     if sys.argv[2] == "dtensor":
         check_sharded_amplification(Path(sys.argv[1]))
+        return
+    if sys.argv[2] == "fsdp2":
+        trained = run_fsdp2(int(sys.argv[3]))
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_file(trained, str(Path(sys.argv[1]) / "fsdp2.safetensors"), metadata={"format": "pt"})
         return
     out, batch, steps = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     for name, run in (("cls", run_cls), ("sft", run_sft)):

@@ -1,4 +1,5 @@
-"""Both trainers under DDP (2 CPU processes, gloo) match a single-process run with the same global batch."""
+"""Both trainers under DDP (2 CPU processes, gloo) match a single-process run with the same global batch; so does a
+defended loop whose model is sharded with FSDP2."""
 
 from __future__ import annotations
 
@@ -62,3 +63,19 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         assert distributed.keys() == reference.keys() and len(reference) > 0
         for key in reference:
             torch.testing.assert_close(distributed[key], reference[key], rtol=1e-3, atol=1e-5, msg=f"{name}: {key}")
+
+
+def test_two_process_fsdp2_matches_single_process(tmp_path):
+    """FSDP2 (``fully_shard`` per decoder layer and root, gloo, 2 CPU processes): the defended loop's LoRA tensors
+    equal a single-process run with the same global batch and differ from an undefended one (the terms took part)."""
+    _launch(str(tmp_path), "fsdp2", str(STEPS), timeout=180)
+    sys.path.insert(0, str(HERE))
+    import ddp_train
+
+    sharded = load_file(tmp_path / "fsdp2.safetensors")
+    single = ddp_train.run_fsdp2(STEPS)
+    plain = ddp_train.run_fsdp2(STEPS, defended=False)
+    assert sharded.keys() == single.keys() and len(single) > 0
+    for key in single:
+        torch.testing.assert_close(sharded[key], single[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert max(float((single[k] - plain[k]).abs().max()) for k in single) > 1e-3
