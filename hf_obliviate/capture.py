@@ -308,9 +308,11 @@ class _Session:
         query_offset: int,
         keep_logits: bool,
         segment_ids: torch.Tensor | None = None,
+        grad_only: bool = False,
     ):
         self.record = record
         self.segment_ids = segment_ids
+        self.grad_only = grad_only
         self.mode = mode
         self.attention_mask = attention_mask
         self.query_mask = query_mask
@@ -529,7 +531,7 @@ def _make_wrapper(impl: str | None):
             if config is not None:
                 config._attn_implementation_internal = renamed
         session = _ACTIVE.get(id(module))
-        if session is not None:
+        if session is not None and (torch.is_grad_enabled() or not session.grad_only):
             session.observe(module, query, key, kwargs.get("scaling"))
         return output
 
@@ -631,6 +633,7 @@ class AttentionLogitCapture:
         keep_logits: bool | None = None,
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        grad_only: bool = False,
     ) -> Iterator[CaptureRecord]:
         """Record the attention calls of the forward passes run inside the ``with`` block.
 
@@ -642,6 +645,8 @@ class AttentionLogitCapture:
                 (padding-free) batch; a query row then only counts keys of its own sequence.
             position_ids (`torch.Tensor`, *optional*): of a packed batch, to derive ``segment_ids`` from (positions
                 restart at 0 at each sequence). Ignored when ``segment_ids`` is given.
+            grad_only (`bool`, *optional*, defaults to `False`): ignore forward passes run without autograd (a
+                trainer's extra ``torch.no_grad`` forward for metrics must not dilute the training term).
         """
         if segment_ids is None and position_ids is not None:
             segment_ids = segments_from_position_ids(position_ids)
@@ -654,6 +659,7 @@ class AttentionLogitCapture:
             self.query_offset,
             self.keep_logits if keep_logits is None else keep_logits,
             segment_ids,
+            grad_only,
         )
         configs = self._configs
         originals = [config._attn_implementation for config in configs]

@@ -110,11 +110,13 @@ class ObliviateDefense:
         keep_logits: bool | None = None,
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        grad_only: bool = False,
     ) -> Iterator[DefenseStep]:
         """Run forward passes inside this block; the yielded :class:`DefenseStep` then holds the terms.
 
         The arguments go to :meth:`hf_obliviate.AttentionLogitCapture.record` (``segment_ids`` / ``position_ids``:
-        packed batches, keys stay within the query's own sequence)."""
+        packed batches, keys stay within the query's own sequence; ``grad_only``: skip forwards run without
+        autograd)."""
         step = DefenseStep(self)
         if self.capture is None:
             yield step
@@ -125,6 +127,7 @@ class ObliviateDefense:
             keep_logits=keep_logits,
             segment_ids=segment_ids,
             position_ids=position_ids,
+            grad_only=grad_only,
         ) as rec:
             step.record = rec
             yield step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -234,3 +235,35 @@ def test_importing_the_trainer_package_does_not_import_trl():
         "from hf_obliviate import ObliviateSFTTrainer; assert 'trl' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+
+
+def test_one_forward_per_step_and_one_capture_per_layer(tmp_path, tokenizer):
+    """trl answers ``return_outputs=True`` with a second, no-grad forward for the logits: the defended loss must not
+    ask for it (a whole forward per step) and, when a caller does, that pass must not enter the attention term
+    (it would average gradient-free layers in and halve the term's gradient)."""
+    trainer = _train(tmp_path, tokenizer, _conversational(), max_steps=1)
+    model = trainer.model.train()
+    layers = model.get_base_model().model.layers
+    forwards = []
+    handle = layers[0].mlp.register_forward_hook(lambda *args: forwards.append(torch.is_grad_enabled()))
+    batch = next(iter(trainer.get_train_dataloader()))
+    records = []
+    track = trainer.obliviate_defense.track
+
+    @contextmanager
+    def recording_track(**kwargs):
+        with track(**kwargs) as step:
+            records.append(step)
+            yield step
+
+    trainer.obliviate_defense.track = recording_track
+    try:
+        trainer.compute_loss(model, dict(batch))
+        assert forwards == [True]
+        trainer.compute_loss(model, dict(batch), return_outputs=True)  # trl adds its no-grad logits pass here
+        assert forwards == [True, True, False]
+    finally:
+        handle.remove()
+        del trainer.obliviate_defense.track
+    for step in records:
+        assert len(step.record.layers) == len(layers)

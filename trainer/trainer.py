@@ -140,10 +140,13 @@ class ObliviateTrainerMixin:
         """The defended training loss shared by both trainers: the parent's task loss computed inside
         ``defense.track(**capture_inputs)``, plus the weighted terms scaled for gradient accumulation; the task loss is
         logged per micro-batch (before that scaling)."""
-        with self.obliviate_defense.track(**capture_inputs) as step:
-            task_loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        # Outputs only when the caller asks: trl's SFTTrainer answers return_outputs=True with a second (no-grad)
+        # forward pass for the logits, a forward per step; grad_only keeps such a pass out of the term.
+        with self.obliviate_defense.track(**capture_inputs, grad_only=True) as step:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        task_loss, outputs = result if return_outputs else (result, None)
         terms = step.terms()
         scale = self._extra_terms_scale(num_items_in_batch)
         self._record_terms(task_loss / scale, terms)
