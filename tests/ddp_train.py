@@ -39,10 +39,9 @@ def _trained(trainer) -> tuple[dict[str, torch.Tensor], list[float]]:
     return tensors, losses + terms
 
 
-def run_cls(out: Path, batch: int, steps: int):
+def _classifier_and_rows():
+    """A tiny LoRA Llama classifier (seeded) and the N_EXAMPLES token-id rows both classification runs train on."""
     from tiny_models import tiny_peft_model
-
-    from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
 
     torch.manual_seed(0)
     model = tiny_peft_model("llama", "lora")
@@ -51,6 +50,13 @@ def run_cls(out: Path, batch: int, steps: int):
         {"input_ids": torch.randint(3, 100, (4 + (i * 5) % 9,), generator=gen).tolist(), "labels": i % 2}
         for i in range(N_EXAMPLES)
     ]
+    return model, rows
+
+
+def run_cls(out: Path, batch: int, steps: int):
+    from hf_obliviate import ObliviateTrainer, ObliviateTrainingArguments
+
+    model, rows = _classifier_and_rows()
     args = ObliviateTrainingArguments(**_common(out / "cls", batch, steps))
     trainer = ObliviateTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), data_collator=PadCollator()
@@ -116,17 +122,10 @@ def run_fsdp2(steps: int, defended: bool = True) -> dict[str, torch.Tensor]:
     FSDP2 (``fully_shard``, gloo, CPU) and each process takes its half of the global batch of 8; in one process the
     model stays whole and takes all 8. Returns the whole trained LoRA tensors."""
     import torch.distributed as dist
-    from tiny_models import tiny_peft_model
 
     from hf_obliviate import ObliviateDefense
 
-    torch.manual_seed(0)
-    model = tiny_peft_model("llama", "lora")
-    gen = torch.Generator().manual_seed(0)
-    rows = [
-        {"input_ids": torch.randint(3, 100, (4 + (i * 5) % 9,), generator=gen).tolist(), "labels": i % 2}
-        for i in range(N_EXAMPLES)
-    ]
+    model, rows = _classifier_and_rows()
     batch = PadCollator()(rows)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
