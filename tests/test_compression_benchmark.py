@@ -37,6 +37,9 @@ def _check_schema(data: dict) -> None:
         assert stream["command"].startswith("hf-obliviate compress --base")
         assert stream["peak_mem_ratio"] == stream["peak_rss_bytes"] / stream["finetuned_checkpoint_bytes"]
         assert stream["checkpoint_bytes_read"] > stream["finetuned_checkpoint_bytes"]
+        assert 0 < stream["setup_rss_bytes"] <= stream["peak_rss_bytes"]
+        assert stream["working_mem_bytes"] == stream["peak_rss_bytes"] - stream["setup_rss_bytes"]
+        assert stream["working_mem_vs_largest_tensor"] == stream["working_mem_bytes"] / stream["largest_tensor_bytes"]
     assert {"device", "command", "definitions", "torch"} <= set(data["meta"])
 
 
