@@ -280,8 +280,12 @@ def planned_cells(sizes: Sizes) -> int:
 
 def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float) -> None:
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
-    reductions = [r["asr_reduction"] for r in attack_rows if r["asr_reduction"] == r["asr_reduction"]]
+    # A fine-tune at chance has ASR ~0 without any defense working: such cells are listed, not averaged.
+    counted = [r for r in attack_rows if r["asr_reduction"] == r["asr_reduction"] and not r["near_chance"]]
+    reductions = [r["asr_reduction"] for r in counted]
     summary = {
+        "cells_in_mean": len(counted),
+        "near_chance_cells_left_out": sum(r["near_chance"] for r in attack_rows),
         "mean_asr_reduction_task_agnostic": round(statistics.mean(reductions), 4) if reductions else None,
         "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
@@ -340,8 +344,10 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
     lines += [
         "",
         f"Mean ASR reduction over the task-agnostic attacks and PEFT types: "
-        f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%**; largest clean-accuracy "
-        f"drop: {summary['max_cacc_drop_points']:.1f} points.",
+        f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
+        f"{summary['cells_in_mean']} rows ({summary['near_chance_cells_left_out']} near-chance rows left out: a model "
+        f"at chance shows no backdoor whether or not the defense works); largest clean-accuracy drop: "
+        f"{summary['max_cacc_drop_points']:.1f} points.",
         "",
         "## Coefficient search (validation split, POR + LoRA, seed 0)",
         "",
