@@ -9,6 +9,7 @@ is open, so a pass over two checkpoints would show their whole size as RSS.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sys
@@ -90,49 +91,47 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def get(self, name: str) -> torch.Tensor:
-        info = self.header[name]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None or sys.byteorder != "little":  # rare dtypes (fp8, ...): let safetensors decode them
-            if self._mmap is None:
-                self._mmap = safe_open(self.path, framework="pt").__enter__()
-            return self._mmap.get_tensor(name)
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * torch.empty((), dtype=dtype).element_size() != end - start:
-            raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {list(shape)}.")
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        buf = bytearray(end - start)
-        self._f.seek(self._data_start + start)
-        if self._f.readinto(buf) != len(buf):
-            raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def chunks(self, name: str, chunk_elems: int) -> Iterator[torch.Tensor]:
-        """The flattened tensor in consecutive pieces of ``chunk_elems`` elements, each read when it is needed."""
+    def _plain_span(self, name: str) -> tuple[torch.dtype, int, int] | None:
+        """``(dtype, start, end)`` of a tensor read with plain file reads, its byte count checked against its shape;
+        ``None`` for dtypes that safetensors itself must decode (fp8, ...) or a big-endian host."""
         info = self.header[name]
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None or sys.byteorder != "little":
+            return None
+        start, end = info["data_offsets"]
+        if math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size() != end - start:
+            raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}.")
+        return dtype, start, end
+
+    def _read(self, name: str, offset: int, nbytes: int) -> bytearray:
+        buf = bytearray(nbytes)
+        self._f.seek(self._data_start + offset)  # every read seeks: readers of several tensors may interleave
+        if self._f.readinto(buf) != nbytes:
+            raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
+        return buf
+
+    def get(self, name: str) -> torch.Tensor:
+        span = self._plain_span(name)
+        if span is None:  # rare dtypes (fp8, ...): let safetensors decode them
+            if self._mmap is None:
+                self._mmap = safe_open(self.path, framework="pt").__enter__()
+            return self._mmap.get_tensor(name)
+        dtype, start, end = span
+        shape = self.shape(name)
+        if start == end:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._read(name, start, end - start), dtype=dtype).reshape(shape)
+
+    def chunks(self, name: str, chunk_elems: int) -> Iterator[torch.Tensor]:
+        """The flattened tensor in consecutive pieces of ``chunk_elems`` elements, each read when it is needed."""
+        span = self._plain_span(name)
+        if span is None:
             yield from self.get(name).reshape(-1).split(chunk_elems)
             return
-        start, end = info["data_offsets"]
-        numel = 1
-        for d in info["shape"]:
-            numel *= d
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if numel * itemsize != end - start:
-            raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}.")
-        step = chunk_elems * itemsize
+        dtype, start, end = span
+        step = chunk_elems * torch.empty((), dtype=dtype).element_size()
         for offset in range(start, end, step):
-            buf = bytearray(min(step, end - offset))
-            self._f.seek(self._data_start + offset)  # every chunk seeks: readers of several tensors may interleave
-            if self._f.readinto(buf) != len(buf):
-                raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
-            yield torch.frombuffer(buf, dtype=dtype)
+            yield torch.frombuffer(self._read(name, offset, min(step, end - offset)), dtype=dtype)
 
     def close(self) -> None:
         self._f.close()
