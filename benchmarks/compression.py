@@ -154,22 +154,43 @@ def largest_tensor_bytes(folder: Path) -> int:
         )
 
 
+def linear_detection(folder: Path) -> str:
+    """How ``hf-obliviate compress`` finds the Linear weights of this checkpoint: ``by name`` (a verified
+    architecture: the pass runs without torch) or ``by type`` (torch and transformers build it on the meta device)."""
+    from hf_obliviate.delta.checkpoint import CheckpointReader
+    from hf_obliviate.delta.linear_names import linear_weight_names_by_name
+
+    with CheckpointReader(folder) as reader:
+        config = reader.config()
+        found = linear_weight_names_by_name({n: reader.shape(n) for n in reader.names()}, config)
+    if config is None:
+        return "2-D *.weight tensors (no config.json; no torch)"
+    return "by name (no torch)" if found is not None else "by type (torch + transformers)"
+
+
 def streaming_peak_rss(base: Path, ft: Path, out: Path) -> dict[str, Any]:
-    """Peak RSS of ``hf-obliviate compress`` in a child process, and of its set-up alone (imports and the by-type
-    Linear detection, which builds the architecture on the meta device) in another: the difference is the memory
-    the streaming pass itself holds."""
+    """Peak RSS of ``hf-obliviate compress`` in a child process, and of its set-up alone (the imports and the Linear
+    detection, by name for a verified architecture, else by type on the meta device) in another: the difference is
+    the memory the streaming pass itself holds."""
     cmd = _cli() + ["compress", "--base", str(base), "--finetuned", str(ft), "--output_dir", str(out)]
     peak, seconds = _child_peak_rss(cmd)
     setup = (
-        "import sys, hf_obliviate.cli, hf_obliviate.hub.cli, hf_obliviate.delta\n"
-        "from hf_obliviate.delta.checkpoint import linear_weight_names_from_config\n"
-        "linear_weight_names_from_config(sys.argv[1])\n"
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import hf_obliviate.cli, hf_obliviate.hub.cli\n"
+        "from transformers import HfArgumentParser\n"
+        "from hf_obliviate.delta.checkpoint import CheckpointReader\n"
+        "from hf_obliviate.delta.stream import _linear_set\n"
+        "with CheckpointReader(sys.argv[1]) as reader:\n"
+        "    _linear_set(Path(sys.argv[1]), reader, None)\n"
     )
+    detection = linear_detection(ft)
     setup_peak, _ = _child_peak_rss([sys.executable, "-c", setup, str(ft)])
     ft_bytes = checkpoint_bytes(ft)
     largest = largest_tensor_bytes(ft)
     return {
         "command": " ".join(["hf-obliviate", *cmd[len(_cli()) :]]),
+        "linear_detection": detection,
         "peak_rss_bytes": peak,
         "setup_rss_bytes": setup_peak,
         "working_mem_bytes": peak - setup_peak,
@@ -371,9 +392,11 @@ def write_markdown(result: dict, path: Path) -> None:
         f"{result['meta']['device']}, torch {result['meta']['torch']}. Throughput: GB of fine-tuned Linear weights "
         "(checkpoint dtype) per second, best of repeats, in one process next to a plain `torch.clone` of the same "
         "tensors. Peak memory: peak RSS of the streaming `hf-obliviate compress` command / bytes of the fine-tuned "
-        "checkpoint (it reads base and fine-tune; target ≤ 0.5 for SmolLM2). Set-up: peak RSS of the same imports "
-        "and the by-type Linear detection alone (torch and transformers); working memory = peak − set-up, compared "
-        "with the largest tensor of the checkpoint (aim ≤ 3×).",
+        "checkpoint (it reads base and fine-tune; target ≤ 0.5 for SmolLM2). The command runs without torch here: "
+        "the Linear weights are found by name (SmolLM2's `llama` architecture is verified against detection by module "
+        "type) or, without a config.json, as the 2-D `*.weight` tensors. Set-up: peak RSS of the same imports and "
+        "the Linear detection alone; working memory = peak − set-up, compared with the largest tensor of the "
+        "checkpoint (aim ≤ 3×).",
         "",
         "| case | bits/weight | compress GB/s | decompress GB/s | copy GB/s | compress / copy | logit MSE | "
         "logit MSE distilled | peak mem ratio | set-up RSS MB | working mem / largest tensor |",

@@ -406,6 +406,14 @@ def main() -> None:
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
     )
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
+    parser.add_argument(
+        "--encoders",
+        nargs="+",
+        default=None,
+        choices=("clean", *ATTACKS, "task-specific", "adaptive-por"),
+        help="Run only these rows (default: all). Two processes given disjoint rows and the same journal (with "
+        "--resume) split the run over two cores; `--summarise-only` then builds the tables from the journal.",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = QUICK if args.quick else Sizes()
@@ -450,18 +458,23 @@ def main() -> None:
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
     first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
     encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
+    wanted = set(args.encoders or (*encoders, "task-specific", "adaptive-por"))
     for seed in sizes.seeds:
-        for encoder in encoders:
+        for encoder in (e for e in encoders if e in wanted):
             path = None if encoder == "clean" else encoder_path(encoder)
             for peft in sizes.pefts:
                 for defended in (False, True):
                     journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=defended,
                                 lambdas=lambdas, sizes=sizes)  # fmt: skip
         for defended in (False, True):
-            journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
-                        lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip
-            journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora", seed=seed,
-                        defended=defended, lambdas=lambdas, sizes=sizes)  # fmt: skip
+            if "task-specific" in wanted:
+                journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
+                            lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip
+            if "adaptive-por" in wanted:
+                journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora",
+                            seed=seed, defended=defended, lambdas=lambdas, sizes=sizes)  # fmt: skip
+    if args.encoders:  # a partial process: cells from another process may be in the journal by now
+        journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
     write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start)
     print(args.out.with_suffix(".md").read_text())

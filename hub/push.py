@@ -26,7 +26,7 @@ from hf_obliviate.delta import (
     read_delta_metadata,
 )
 from hf_obliviate.delta.checkpoint import resolve_checkpoint
-from hf_obliviate.delta.container import _write_json_atomic, build_metadata
+from hf_obliviate.delta.writer import build_metadata, write_json_atomic
 
 from .card import build_model_card
 
@@ -234,7 +234,7 @@ def _write_lora_factors(ft, base_model, base_revision, token, output_dir: Path, 
         },
         size={"compressed_bytes": adapter_bytes, "dense_fp16_bytes": None, "ratio_vs_dense_fp16": None},
     )
-    _write_json_atomic(output_dir / DELTA_CONFIG_NAME, meta)
+    write_json_atomic(output_dir / DELTA_CONFIG_NAME, meta)
     return meta
 
 

@@ -16,11 +16,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
+import numpy as np
 
-from .format import CorruptDeltaError, fingerprint_tensors
+from .format import CorruptDeltaError, Fingerprinter
+
+if TYPE_CHECKING:  # torch loads lazily: with ``framework="np"`` the reader never imports it
+    import torch
 
 __all__ = [
     "CheckpointReader",
@@ -54,10 +57,36 @@ def resolve_checkpoint(
     return Path(local), commit
 
 
+# safetensors dtype code -> (torch dtype name, numpy dtype of the raw bytes). bfloat16 has no numpy dtype: its
+# bytes are read as uint16 (`as_float32` widens them exactly).
 _ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": ("float64", np.float64), "F32": ("float32", np.float32), "F16": ("float16", np.float16),
+    "BF16": ("bfloat16", np.uint16), "I64": ("int64", np.int64), "I32": ("int32", np.int32),
+    "I16": ("int16", np.int16), "I8": ("int8", np.int8), "U8": ("uint8", np.uint8), "BOOL": ("bool", np.bool_),
 }  # fmt: skip
+FLOAT_DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
+
+
+def as_float32(array: np.ndarray, dtype_name: str) -> np.ndarray:
+    """A numpy chunk read with ``framework="np"`` as float32 (bfloat16's uint16 bytes widened exactly; float32
+    returned as is, not copied)."""
+    if dtype_name == "bfloat16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    return array if array.dtype == np.float32 else array.astype(np.float32)
+
+
+def _wrap(buf: bytearray, dtype_name: str, framework: str):
+    if framework == "np":
+        return np.frombuffer(buf, dtype=_NP_DTYPES[dtype_name])
+    import torch
+
+    if not buf:  # torch.frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=getattr(torch, dtype_name))
+    return torch.frombuffer(buf, dtype=getattr(torch, dtype_name))
+
+
+_NP_DTYPES = {name: np_dtype for name, np_dtype in _ST_DTYPES.values()}
+_FRAMEWORKS = ("pt", "np")
 
 
 class _SafetensorsFile:
@@ -91,15 +120,20 @@ class _SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.header[name]["shape"])
 
-    def _plain_span(self, name: str) -> tuple[torch.dtype, int, int] | None:
-        """``(dtype, start, end)`` of a tensor read with plain file reads, its byte count checked against its shape;
-        ``None`` for dtypes that safetensors itself must decode (fp8, ...) or a big-endian host."""
+    def dtype_name(self, name: str) -> str | None:
+        """The torch dtype name of a tensor read with plain file reads (``None``: safetensors must decode it)."""
+        known = _ST_DTYPES.get(self.header[name]["dtype"])
+        return known[0] if known is not None and sys.byteorder == "little" else None
+
+    def _plain_span(self, name: str) -> tuple[str, int, int] | None:
+        """``(dtype name, start, end)`` of a tensor read with plain file reads, its byte count checked against its
+        shape; ``None`` for dtypes that safetensors itself must decode (fp8, ...) or a big-endian host."""
         info = self.header[name]
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None or sys.byteorder != "little":
+        dtype = self.dtype_name(name)
+        if dtype is None:
             return None
         start, end = info["data_offsets"]
-        if math.prod(info["shape"]) * torch.empty((), dtype=dtype).element_size() != end - start:
+        if math.prod(info["shape"]) * np.dtype(_NP_DTYPES[dtype]).itemsize != end - start:
             raise CorruptDeltaError(f"{self.path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}.")
         return dtype, start, end
 
@@ -110,28 +144,30 @@ class _SafetensorsFile:
             raise CorruptDeltaError(f"{self.path} is truncated (tensor {name!r}).")
         return buf
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, framework: str = "pt"):
         span = self._plain_span(name)
-        if span is None:  # rare dtypes (fp8, ...): let safetensors decode them
+        if span is None:  # rare dtypes (fp8, ...): let safetensors decode them (torch only)
+            if framework != "pt":
+                raise TypeError(f"{self.path}: tensor {name!r} ({self.header[name]['dtype']}) needs framework='pt'.")
             if self._mmap is None:
+                from safetensors import safe_open
+
                 self._mmap = safe_open(self.path, framework="pt").__enter__()
             return self._mmap.get_tensor(name)
         dtype, start, end = span
         shape = self.shape(name)
-        if start == end:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._read(name, start, end - start), dtype=dtype).reshape(shape)
+        return _wrap(self._read(name, start, end - start), dtype, framework).reshape(shape)
 
-    def chunks(self, name: str, chunk_elems: int) -> Iterator[torch.Tensor]:
+    def chunks(self, name: str, chunk_elems: int, framework: str = "pt") -> Iterator:
         """The flattened tensor in consecutive pieces of ``chunk_elems`` elements, each read when it is needed."""
         span = self._plain_span(name)
         if span is None:
-            yield from self.get(name).reshape(-1).split(chunk_elems)
+            yield from self.get(name, framework).reshape(-1).split(chunk_elems)
             return
         dtype, start, end = span
-        step = chunk_elems * torch.empty((), dtype=dtype).element_size()
+        step = chunk_elems * np.dtype(_NP_DTYPES[dtype]).itemsize
         for offset in range(start, end, step):
-            yield torch.frombuffer(self._read(name, offset, min(step, end - offset)), dtype=dtype)
+            yield _wrap(self._read(name, offset, min(step, end - offset)), dtype, framework)
 
     def close(self) -> None:
         self._f.close()
@@ -219,27 +255,53 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._handle(name).shape(name)
 
-    def get(self, name: str) -> torch.Tensor:
-        """Materialises one tensor (a fresh CPU tensor that owns its memory)."""
-        return self._handle(name).get(name)
+    def get(self, name: str, framework: str = "pt") -> torch.Tensor | np.ndarray:
+        """Materialises one tensor (a fresh CPU tensor that owns its memory). ``framework="np"`` gives a numpy array
+        without importing torch (bfloat16 as its raw uint16 bytes: see [`as_float32`])."""
+        _check_framework(framework)
+        return self._handle(name).get(name, framework)
 
-    def chunks(self, name: str, chunk_elems: int = 1 << 18) -> Iterator[torch.Tensor]:
+    def chunks(self, name: str, chunk_elems: int = 1 << 18, framework: str = "pt") -> Iterator:
         """Reads one tensor as flat pieces of ``chunk_elems`` elements (the last may be shorter), never all at once."""
-        return self._handle(name).chunks(name, chunk_elems)
+        _check_framework(framework)
+        return self._handle(name).chunks(name, chunk_elems, framework)
+
+    def dtype_name(self, name: str) -> str | None:
+        """The stored dtype as a torch dtype name (``"bfloat16"``), without importing torch; ``None`` for dtypes read
+        through safetensors itself, such as fp8."""
+        return self._handle(name).dtype_name(name)
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype (``None`` for dtypes read through safetensors itself, such as fp8)."""
-        return _ST_DTYPES.get(self._handle(name).header[name]["dtype"])
+        import torch
+
+        dtype = self.dtype_name(name)
+        return getattr(torch, dtype) if dtype is not None else None
 
     def config(self) -> dict | None:
         path = self.folder / "config.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
 
-def fingerprint_checkpoint(folder: str | os.PathLike) -> str:
-    """Fingerprint of the base weights stored in a checkpoint folder, hashed one tensor at a time."""
+def _check_framework(framework: str) -> None:
+    if framework not in _FRAMEWORKS:
+        raise ValueError(f"framework must be one of {_FRAMEWORKS}, got {framework!r}.")
+
+
+def fingerprint_checkpoint(folder: str | os.PathLike, chunk_elems: int = 1 << 18) -> str:
+    """Fingerprint of the base weights stored in a checkpoint folder (the same digest as [`fingerprint_tensors`] of
+    its tensors), read in chunks, without torch for the common dtypes."""
+    fp = Fingerprinter()
     with CheckpointReader(folder) as reader:
-        return fingerprint_tensors((name, reader.get(name)) for name in reader.names())
+        for name in reader.names():
+            dtype = reader.dtype_name(name)
+            if dtype is None:  # fp8 and other dtypes only safetensors decodes
+                fp.update(name, reader.get(name))
+                continue
+            fp.begin(name, reader.shape(name), dtype)
+            for chunk in reader.chunks(name, chunk_elems, framework="np"):
+                fp.feed(chunk)
+    return fp.hexdigest()
 
 
 def linear_weight_names(model: torch.nn.Module) -> set[str]:
@@ -257,6 +319,8 @@ def linear_weight_names(model: torch.nn.Module) -> set[str]:
             head = None
         if head is not None:
             excluded.add(id(head))
+    import torch
+
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and id(module) not in excluded:
@@ -273,6 +337,7 @@ def linear_weight_names_from_config(folder: str | os.PathLike) -> set[str] | Non
     path = Path(folder) / "config.json"
     if not path.is_file():
         return None
+    import torch
     import transformers
 
     archs = json.loads(path.read_text()).get("architectures") or []

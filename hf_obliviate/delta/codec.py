@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .format import ShapeMismatchError, pack_signs, unpack_signs
+from .stream import BitDeltaStats
 
 __all__ = [
     "BitDeltaCompressor",
@@ -192,25 +193,13 @@ def bitdelta_decode(signs: torch.Tensor, alphas: torch.Tensor, shape: tuple[int,
     return out
 
 
-_ONES: dict[int, np.ndarray] = {}
+class BitDeltaPairEncoder(BitDeltaStats):
+    """Plain BitDelta (k = 1) of ``ft - base`` in one fused pass over matching chunks of two torch tensors.
 
-
-def _ones(n: int) -> np.ndarray:
-    """A cached fp32 vector of ones (``dot(|x|, 1)`` is a fast BLAS sum)."""
-    size = 1 << max(n - 1, 0).bit_length()
-    if size not in _ONES:
-        _ONES[size] = np.ones(size, dtype=np.float32)
-    return _ONES[size][:n]
-
-
-class BitDeltaPairEncoder:
-    """Plain BitDelta (k = 1) of ``ft - base`` in one fused pass over matching chunks of the two tensors.
-
-    Each chunk's fp32 difference lives only in cache: its signs are packed at once and only ``sum |Δ|`` and
-    ``sum Δ²`` are kept, so the full fp32 delta is never materialised (streaming compression reads the two
-    checkpoints in chunks into it). The relative error needs no decode pass either: with ``α = mean |Δ|``,
-    ``||Δ - α·sign(Δ)||² = ||Δ||² - n·α²``. Feed chunks in order; every chunk but the last must hold a multiple of
-    8 elements.
+    The torch face of [`~hf_obliviate.delta.stream.BitDeltaStats`] (the numpy kernel and the closed-form error live
+    there): CPU chunks go through numpy, whose elementwise kernels and BLAS dots run several times faster than
+    torch's on one CPU thread; chunks on an accelerator stay there. Feed chunks in order; every chunk but the last
+    must hold a multiple of 8 elements.
 
     Example:
 
@@ -228,13 +217,6 @@ class BitDeltaPairEncoder:
     ```
     """
 
-    def __init__(self, numel: int):
-        self.numel = int(numel)
-        self._packed = torch.empty((self.numel + 7) // 8, dtype=torch.uint8)
-        self._seen = 0
-        self._l1 = 0.0
-        self._sq = 0.0
-
     @classmethod
     def from_tensors(cls, base: torch.Tensor, ft: torch.Tensor, chunk_elems: int = 1 << 18) -> BitDeltaPairEncoder:
         """Encodes two in-memory tensors of the same shape, chunk by chunk."""
@@ -247,53 +229,27 @@ class BitDeltaPairEncoder:
 
     def update(self, base_chunk: torch.Tensor, ft_chunk: torch.Tensor) -> None:
         """Adds the next chunk (flat, same length in both); chunks must come in order."""
-        n = ft_chunk.numel()
-        if base_chunk.numel() != n or self._seen % 8 or self._seen + n > self.numel:
-            raise ShapeMismatchError(
-                f"BitDelta chunk of {n} elements at offset {self._seen} does not fit a tensor of {self.numel} "
-                "(chunks must match in length and all but the last hold a multiple of 8 elements)."
-            )
-        start = self._seen // 8
         ft32, base32 = ft_chunk.reshape(-1).float(), base_chunk.reshape(-1).float()
         if ft32.device.type == "cpu" and base32.device.type == "cpu":
-            # numpy: its elementwise kernels and BLAS dots run several times faster than torch's on one CPU thread
-            delta = np.subtract(ft32.numpy(), base32.numpy())
-            packed = np.packbits(delta >= 0, bitorder="little")
-            self._sq += float(np.dot(delta, delta))
-            self._l1 += float(np.dot(np.abs(delta, out=delta), _ones(n)))
-            self._packed[start : start + packed.size] = torch.from_numpy(packed)
-        else:
-            delta = ft32 - base32.to(ft32.device)
-            self._sq += float(torch.dot(delta, delta))
-            self._l1 += float(torch.linalg.vector_norm(delta, ord=1))
-            packed = pack_signs(delta)
-            self._packed[start : start + packed.numel()] = packed
-        self._seen += n
-
-    @property
-    def changed(self) -> bool:
-        """Whether any element differs (a zero delta is not stored at all)."""
-        return self._l1 > 0.0 or self._sq != self._sq  # NaN: differs, and is stored as such
+            self.update_np(base32.numpy(), ft32.numpy())
+            return
+        self._check_chunk(ft32.numel(), base32.numel())
+        delta = ft32 - base32.to(ft32.device)
+        sq = float(torch.dot(delta, delta))
+        l1 = float(torch.linalg.vector_norm(delta, ord=1))
+        self._store(pack_signs(delta).numpy(), sq, l1, delta.numel())
 
     @property
     def signs(self) -> torch.Tensor:
         """``[1, ceil(n / 8)]`` packed sign mask (same layout as [`bitdelta_encode`])."""
-        if self._seen != self.numel:
+        if not self.complete:
             raise ShapeMismatchError(f"BitDelta saw {self._seen} of {self.numel} elements: a chunk is missing.")
-        return self._packed.unsqueeze(0)
+        return torch.from_numpy(self.packed).unsqueeze(0)
 
     @property
     def alpha(self) -> torch.Tensor:
         """``[1]`` fp32 scale, mean ``|Δ|`` (accumulated in float64 across chunks)."""
-        return torch.tensor([self._l1 / max(self.numel, 1)], dtype=torch.float32)
-
-    @property
-    def rel_error(self) -> float:
-        """``||Δ - α·sign(Δ)||_F / ||Δ||_F`` in closed form (0 for a zero delta)."""
-        if self._sq <= 0.0:
-            return 0.0
-        mean = self._l1 / max(self.numel, 1)
-        return max(self._sq - self.numel * mean * mean, 0.0) ** 0.5 / self._sq**0.5
+        return torch.tensor([self.alpha_value], dtype=torch.float32)
 
     def entry(self, shape: tuple[int, ...]) -> DeltaEntry:
         return DeltaEntry(BitDeltaCompressor.name, tuple(shape), {"signs": self.signs, "alpha": self.alpha})

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .codec import DeltaEntry, available_methods
 from .format import (
     DELTA_CONFIG_NAME,
-    FORMAT_VERSION,
     METADATA_CHECKSUM_KEY,
     SUPPORTED_FORMAT_VERSIONS,
     CorruptDeltaError,
@@ -27,78 +23,11 @@ from .format import (
     dedup_state_dict,
     file_sha256,
     metadata_checksum,
-    shard_name,
     tool_version,
 )
+from .writer import SEP, ShardWriter, build_metadata, size_report, write_json_atomic
 
 __all__ = ["CompressedDelta", "ShardWriter", "read_delta_metadata"]
-
-_SEP = "::"
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
-
-
-class ShardWriter:
-    """Writes entries to ``delta-0000i-of-0000n.safetensors`` shards, flushing whenever ``max_shard_size`` is reached.
-
-    Only the current shard's compressed tensors are kept in memory. Call [`~ShardWriter.finish`] to rename the
-    shards with their final count and get ``({entry name: shard}, {shard: sha256})``.
-    """
-
-    def __init__(self, folder: str | os.PathLike, max_shard_size: int | str = "2GB", header: dict | None = None):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = _parse_size(max_shard_size)
-        self.header = {"format": "pt", "obliviate_format_version": str(FORMAT_VERSION), **(header or {})}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_names: list[str] = []
-        self._buffer_bytes = 0
-        self._tmp_files: list[Path] = []
-        self._entry_shard: dict[str, int] = {}
-
-    def add(self, name: str, entry: DeltaEntry) -> None:
-        if self._buffer and self._buffer_bytes + entry.nbytes > self.max_bytes:
-            self._flush()
-        for part, tensor in entry.tensors.items():
-            self._buffer[f"{name}{_SEP}{part}"] = tensor.detach().to("cpu").contiguous()
-        self._buffer_names.append(name)
-        self._buffer_bytes += entry.nbytes
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self.folder / f".tmp-delta-{len(self._tmp_files):05d}.safetensors"
-        save_file(self._buffer, str(path), metadata=self.header)
-        for name in self._buffer_names:
-            self._entry_shard[name] = len(self._tmp_files)
-        self._tmp_files.append(path)
-        self._buffer, self._buffer_names, self._buffer_bytes = {}, [], 0
-
-    def finish(self) -> tuple[dict[str, str], dict[str, str]]:
-        self._flush()
-        if not self._tmp_files:  # an empty delta still gets one (empty) shard so that the layout is uniform
-            path = self.folder / ".tmp-delta-00000.safetensors"
-            save_file({}, str(path), metadata=self.header)
-            self._tmp_files.append(path)
-        total = len(self._tmp_files)
-        shards: dict[str, str] = {}
-        for i, tmp in enumerate(self._tmp_files):
-            final = self.folder / shard_name(i + 1, total)
-            os.replace(tmp, final)
-            shards[final.name] = file_sha256(final)
-        for stale in self.folder.glob("delta-*-of-*.safetensors"):  # left over from an earlier write to this folder
-            if stale.name not in shards:
-                stale.unlink()
-        entry_shard = {name: shard_name(i + 1, total) for name, i in self._entry_shard.items()}
-        return entry_shard, shards
 
 
 _METADATA_KEYS = {
@@ -282,7 +211,7 @@ class CompressedDelta:
         for name in sorted(self.entries):
             writer.add(name, self.entries[name])
         entry_shard, shards = writer.finish()
-        _write_json_atomic(folder / DELTA_CONFIG_NAME, self.metadata(entry_shard, shards))
+        write_json_atomic(folder / DELTA_CONFIG_NAME, self.metadata(entry_shard, shards))
         return [folder / DELTA_CONFIG_NAME] + [folder / s for s in shards]
 
     @classmethod
@@ -319,7 +248,7 @@ class CompressedDelta:
             stored = tensors_by_shard.get(shard)
             if stored is None:
                 raise CorruptDeltaError(f"Entry {name!r} points to shard {shard!r}, which is not listed.")
-            prefix = f"{name}{_SEP}"
+            prefix = f"{name}{SEP}"
             parts = {key[len(prefix) :]: t for key, t in stored.items() if key.startswith(prefix)}
             if not parts:
                 raise CorruptDeltaError(f"Entry {name!r} has no tensors in {shard}.")
@@ -388,59 +317,3 @@ def _check_entry_shapes(name: str, entry: DeltaEntry) -> None:
 
 def _header(method: str, fingerprint: str) -> dict[str, str]:
     return {"method": method, "base_fingerprint": fingerprint}
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    if path.name == DELTA_CONFIG_NAME:  # the delta metadata carries its own checksum
-        obj = json.loads(json.dumps(obj))  # checksum what a reader will parse (tuples, int keys, ...)
-        obj[METADATA_CHECKSUM_KEY] = metadata_checksum(obj)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def size_report(entries: Iterable[DeltaEntry | tuple[str, int, int]], method: str) -> dict[str, Any]:
-    """Sizes in bytes: compressed payload, its Linear part, and the dense fp16 delta of the same parameters.
-
-    ``entries`` are [`DeltaEntry`]s or ``(kind, numel, nbytes)`` tuples.
-    """
-    rows = [(e.kind, e.numel, e.nbytes) if isinstance(e, DeltaEntry) else tuple(e) for e in entries]
-    total = sum(r[2] for r in rows)
-    linear_bytes = sum(r[2] for r in rows if r[0] == method)
-    linear_numel = sum(r[1] for r in rows if r[0] == method)
-    dense_fp16 = 2 * sum(r[1] for r in rows)
-    return {
-        "compressed_bytes": total,
-        "linear_compressed_bytes": linear_bytes,
-        "linear_weights": linear_numel,
-        "bits_per_linear_weight": (8 * linear_bytes / linear_numel) if linear_numel else None,
-        "dense_fp16_bytes": dense_fp16,
-        "ratio_vs_dense_fp16": (dense_fp16 / total) if total else None,
-    }
-
-
-def build_metadata(**kw: Any) -> dict[str, Any]:
-    """The ``obliviate_delta.json`` content (also used by the streaming writer)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "tool": "hf-obliviate",
-        "tool_version": tool_version(),
-        "base_model": kw["base_model"],
-        "base_revision": kw["base_revision"],
-        "base_fingerprint": kw["base_fingerprint"],
-        "method": kw["method"],
-        "method_config": kw["method_config"],
-        "k": kw["method_config"].get("k") if kw["method"] == "bitdelta" else None,
-        "distillation": kw["distillation"],
-        "non_linear": kw["non_linear"],
-        "reverted": sorted(kw["reverted"]),
-        "modules": sorted(n for n, e in kw["entries"].items() if e["kind"] == kw["method"]),
-        "model_class": kw["model_class"],
-        "entries": kw["entries"],
-        "shards": kw["shards"],
-        "size": kw["size"],
-        "stats": kw["stats"],
-        "extra": kw["extra"],
-    }

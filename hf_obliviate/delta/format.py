@@ -16,9 +16,12 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads lazily: the streaming compressor reads, hashes and writes without it
+    import torch
 
 __all__ = [
     "DELTA_CONFIG_NAME",
@@ -96,6 +99,8 @@ def pack_signs(delta: torch.Tensor) -> torch.Tensor:
 
     ```
     """
+    import torch
+
     flat = delta.detach().reshape(-1)
     if flat.device.type != "cpu":
         bits = (flat >= 0).to(torch.uint8)
@@ -107,11 +112,16 @@ def pack_signs(delta: torch.Tensor) -> torch.Tensor:
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Packs a flat CPU bool tensor 8 per byte, little bit order, zero-padded (numpy's ``packbits``, one C pass)."""
+    import torch
+
     return torch.from_numpy(np.packbits(bits.numpy(), bitorder="little"))
 
 
-def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of [`pack_signs`]: a tensor of ``shape`` holding ±1 in ``dtype``."""
+def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of [`pack_signs`]: a tensor of ``shape`` holding ±1 in ``dtype`` (default float32)."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     shape = tuple(int(s) for s in shape)
     numel = 1
     for s in shape:
@@ -132,11 +142,6 @@ def unpack_signs(packed: torch.Tensor, shape: Iterable[int], dtype: torch.dtype 
 
 
 # ----------------------------------------------------------------------------------------------------- fingerprint
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
 class Fingerprinter:
     """Incremental form of [`fingerprint_tensors`]: feed tensors in sorted name order, one at a time."""
 
@@ -148,8 +153,11 @@ class Fingerprinter:
         self.begin(name, tuple(tensor.shape), tensor.dtype)
         self.feed(tensor)
 
-    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-        """Starts a tensor whose bytes then arrive in order through [`~Fingerprinter.feed`] (chunked reads)."""
+    def begin(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | str) -> None:
+        """Starts a tensor whose bytes then arrive in order through [`~Fingerprinter.feed`] (chunked reads).
+
+        ``dtype`` is a torch dtype or its name without the ``torch.`` prefix (``"bfloat16"``): both hash the same.
+        """
         if self._previous is not None and name <= self._previous:
             raise ValueError(f"Fingerprints need names in increasing order, got {name!r} after {self._previous!r}.")
         self._previous = name
@@ -157,10 +165,18 @@ class Fingerprinter:
         self._h.update(header.encode())
         self._h.update(b"\0")
 
-    def feed(self, chunk: torch.Tensor) -> None:
-        """Hashes the next bytes of the current tensor (in place, without a bytes copy)."""
-        flat = chunk.detach().to("cpu").contiguous().reshape(-1)
-        self._h.update(flat.view(torch.uint8).numpy())
+    def feed(self, chunk: torch.Tensor | np.ndarray | bytes | bytearray | memoryview) -> None:
+        """Hashes the next bytes of the current tensor (in place, without a bytes copy): a torch tensor, a numpy
+        array or raw bytes in the tensor's own dtype."""
+        if isinstance(chunk, np.ndarray):
+            self._h.update(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+        elif isinstance(chunk, (bytes, bytearray, memoryview)):
+            self._h.update(chunk)
+        else:
+            import torch
+
+            flat = chunk.detach().to("cpu").contiguous().reshape(-1)
+            self._h.update(flat.view(torch.uint8).numpy())
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
