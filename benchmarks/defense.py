@@ -83,7 +83,12 @@ class Cell:
     near_chance: bool
     seconds: float
     split: str = "test"
+    variant: str = "reference"
     extra: dict = field(default_factory=dict)
+
+
+# Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
+VARIANTS = {"reference": {}, "skip-virtual-keys": {"attn_virtual_keys": "skip"}}
 
 
 def _device() -> torch.device:
@@ -117,6 +122,7 @@ def run_cell(
     split: str = "test",
     poison: dict | None = None,
     spread: bool = False,
+    variant: str = "reference",
 ) -> Cell:
     from hf_obliviate.attacks import load_attack_info, poison_dataset
     from hf_obliviate.data import load_movie_reviews
@@ -143,6 +149,7 @@ def run_cell(
         obliviate=defended,
         lambda_amp=lambda_amp,
         lambda_attn=lambda_attn,
+        **(VARIANTS[variant] if defended else {}),
         learning_rate=LEARNING_RATES[peft],
         num_train_epochs=sizes.epochs,
         per_device_train_batch_size=sizes.batch,
@@ -177,14 +184,14 @@ def run_cell(
     return Cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
         cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
-        seconds=round(time.time() - start, 1), split=split,
+        seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
         extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets},
     )  # fmt: skip
 
 
 def _key(cell: dict) -> tuple:
     return (cell["encoder"], cell["peft"], cell["seed"], cell["defended"], cell["lambda_amp"], cell["lambda_attn"],
-            cell["split"])  # fmt: skip
+            cell["split"], cell.get("variant", "reference"))  # fmt: skip
 
 
 class Journal:
@@ -206,7 +213,9 @@ class Journal:
         lambdas = probe.pop("lambdas")
         defended = probe["defended"]
         key = (probe["encoder"], probe["peft"], probe["seed"], defended, lambdas[0] if defended else 0.0,
-               lambdas[1] if defended else 0.0, probe.get("split", "test"))  # fmt: skip
+               lambdas[1] if defended else 0.0, probe.get("split", "test"),
+               probe.get("variant", "reference") if defended else "reference")  # fmt: skip
+        probe["variant"] = key[-1]
         if key in self.cells:
             return self.cells[key]
         cell = asdict(run_cell(lambdas=lambdas, **probe))
@@ -214,7 +223,8 @@ class Journal:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(cell) + "\n")
         print(
-            f"{cell['encoder']:>9} {cell['peft']:>7} seed {cell['seed']} {'def' if defended else 'und'} "
+            f"{cell['encoder']:>9} {cell['peft']:>7} {cell['variant']} seed {cell['seed']} "
+            f"{'def' if defended else 'und'} "
             f"λ=({cell['lambda_amp']:g},{cell['lambda_attn']:g}) CACC {cell['cacc']:.3f} "
             f"{cell['metric']} {cell['asr']:.3f} [{cell['seconds']}s]",
             flush=True,
@@ -234,23 +244,58 @@ def choose_lambdas(journal: Journal, por_path: Path, sizes: Sizes) -> tuple[tupl
     return pick_lambdas([base, *trials]), [base, *trials]
 
 
-def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
-    """Lowest validation ASR among defended runs whose validation CACC is within 1.5 points of the undefended."""
+def _best_trial(tuning: list[dict]) -> tuple[dict | None, list[dict]]:
+    """Lowest validation ASR among defended runs whose validation CACC is within 1.5 points of the undefended run
+    and not at chance (``None`` when no run qualifies), and the defended runs."""
     base = next(c for c in tuning if not c["defended"])
     trials = [c for c in tuning if c["defended"]]
     eligible = [c for c in trials if c["cacc"] >= base["cacc"] - 0.015 and not c["near_chance"]]
-    best = min(eligible or trials, key=lambda c: (c["asr"], -c["cacc"]))
+    return (min(eligible, key=lambda c: (c["asr"], -c["cacc"])) if eligible else None), trials
+
+
+def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
+    """The coefficients of [`_best_trial`] on POR + LoRA (the lowest ASR overall when none qualifies)."""
+    tuning = [c for c in tuning if c["peft"] == "lora" and c.get("variant", "reference") == "reference"]
+    best, trials = _best_trial(tuning)
+    best = best or min(trials, key=lambda c: (c["asr"], -c["cacc"]))
     return best["lambda_amp"], best["lambda_attn"]
+
+
+def pick_prefix_variant(tuning: list[dict]) -> str:
+    """The prefix-tuning recipe of [`_best_trial`] on POR + prefix tuning; the reference unless a variant wins."""
+    tuning = [c for c in tuning if c["peft"] == "prefix"]
+    if not tuning:
+        return "reference"
+    best, _ = _best_trial(tuning)
+    return best["variant"] if best is not None else "reference"
+
+
+def choose_prefix_variant(
+    journal: Journal, por_path: Path, sizes: Sizes, lambdas: tuple[float, float]
+) -> tuple[str, list[dict]]:
+    """Prefix tuning, validation split, POR, seed 0: undefended, then every named variant at the chosen λ."""
+    runs = [journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=False,
+                        lambdas=(0.0, 0.0), sizes=sizes, split="validation")]  # fmt: skip
+    for variant in VARIANTS:
+        runs.append(journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=True,
+                                lambdas=lambdas, sizes=sizes, split="validation", variant=variant))  # fmt: skip
+    return pick_prefix_variant(runs), runs
 
 
 def summarise(cells: list[dict]) -> list[dict]:
     rows = []
     groups: dict[tuple, dict[bool, list[dict]]] = {}
+    undefended: dict[tuple, list[dict]] = {}
     for cell in cells:
         if cell["split"] != "test":
             continue
-        groups.setdefault((cell["encoder"], cell["peft"]), {}).setdefault(cell["defended"], []).append(cell)
-    for (encoder, peft), by in groups.items():
+        if cell["defended"]:
+            groups.setdefault((cell["encoder"], cell["peft"], cell.get("variant", "reference")), {})
+            groups[(cell["encoder"], cell["peft"], cell.get("variant", "reference"))].setdefault(True, []).append(cell)
+        else:
+            undefended.setdefault((cell["encoder"], cell["peft"]), []).append(cell)
+    for (encoder, peft, variant), by in groups.items():
+        by[False] = undefended.get((encoder, peft), [])  # every variant is compared with the same plain runs
         paired = {c["seed"] for c in by.get(False, [])} & {c["seed"] for c in by.get(True, [])}
         und = [c for c in by.get(False, []) if c["seed"] in paired]  # seeds with both runs only: a cut-short
         dfd = [c for c in by.get(True, []) if c["seed"] in paired]  # run must not compare unlike seeds
@@ -261,7 +306,7 @@ def summarise(cells: list[dict]) -> list[dict]:
         cacc_u, cacc_d = mean(c["cacc"] for c in und), mean(c["cacc"] for c in dfd)
         reduction = (asr_u - asr_d) / asr_u if asr_u > 0 else float("nan")
         rows.append({
-            "encoder": encoder, "peft": peft, "metric": und[0]["metric"], "seeds": len(und),
+            "encoder": encoder, "peft": peft, "variant": variant, "metric": und[0]["metric"], "seeds": len(und),
             "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
@@ -272,25 +317,46 @@ def summarise(cells: list[dict]) -> list[dict]:
 
 
 def planned_cells(sizes: Sizes) -> int:
-    """Fine-tunes a full run makes: the coefficient search, then per seed every encoder × PEFT type plus the
-    task-specific and adaptive rows, each undefended and defended."""
-    per_seed = (1 + len(sizes.attacks)) * len(sizes.pefts) * 2 + 4
-    return len(sizes.grid) + 1 + len(sizes.seeds) * per_seed
+    """Fine-tunes a full run makes: the coefficient search (and the prefix-tuning variant's), then per seed every
+    encoder × PEFT type plus the task-specific and adaptive rows, each undefended and defended (prefix tuning
+    defended once per named variant)."""
+    variants = len(VARIANTS) - 1 if "prefix" in sizes.pefts else 0
+    per_seed = (1 + len(sizes.attacks)) * (len(sizes.pefts) * 2 + variants) + 4
+    search = len(sizes.grid) + 1 + (1 + len(VARIANTS) if "prefix" in sizes.pefts else 0)
+    return search + len(sizes.seeds) * per_seed
 
 
-def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float) -> None:
-    attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
+def _label(r: dict) -> str:
+    return r["peft"] if r["variant"] == "reference" else f"{r['peft']} ({r['variant']})"
+
+
+def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
     # A fine-tune at chance has ASR ~0 without any defense working: such cells are listed, not averaged.
-    counted = [r for r in attack_rows if r["asr_reduction"] == r["asr_reduction"] and not r["near_chance"]]
+    counted = [r for r in rows if r["asr_reduction"] == r["asr_reduction"] and not r["near_chance"]]
     reductions = [r["asr_reduction"] for r in counted]
+    return (round(statistics.mean(reductions), 4) if reductions else None), counted
+
+
+def write(
+    out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float, *,
+    prefix_variant: str = "reference", cells_done: int | None = None,
+) -> None:  # fmt: skip
+    attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
+    # the defaults: the reference recipe, with the prefix-tuning variant chosen on the validation split
+    default = [r for r in attack_rows if r["variant"] == (prefix_variant if r["peft"] == "prefix" else "reference")]
+    mean, counted = _mean_reduction(default)
+    mean_reference, counted_reference = _mean_reduction([r for r in attack_rows if r["variant"] == "reference"])
     summary = {
         "cells_in_mean": len(counted),
-        "near_chance_cells_left_out": sum(r["near_chance"] for r in attack_rows),
-        "mean_asr_reduction_task_agnostic": round(statistics.mean(reductions), 4) if reductions else None,
+        "near_chance_cells_left_out": sum(r["near_chance"] for r in default),
+        "mean_asr_reduction_task_agnostic": mean,
+        "mean_asr_reduction_reference_recipe": mean_reference,
+        "cells_in_reference_mean": len(counted_reference),
         "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
+        "prefix_variant": prefix_variant,
     }
-    done = sum(r["seeds"] * 2 for r in rows) + len(tuning)
+    done = cells_done if cells_done is not None else sum(r["seeds"] * 2 for r in rows) + len(tuning)
     summary["cells_done"], summary["cells_planned"] = done, planned_cells(sizes)
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
@@ -298,7 +364,8 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
 
     def cell(r: dict) -> dict:
         return {
-            "attack": r["encoder"], "peft": r["peft"], "seeds": r["seeds"], "metric": r["metric"],
+            "attack": r["encoder"], "peft": r["peft"], "variant": r["variant"], "seeds": r["seeds"],
+            "metric": r["metric"],
             "cacc_plain": r["cacc_undefended"], "cacc_defended": r["cacc_defended"],
             "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
             "asr_reduction": r["asr_reduction"], "near_chance": r["near_chance"],
@@ -306,7 +373,7 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
 
     payload = {
         "cells": [cell(r) for r in rows if r["encoder"] != "clean"],
-        "control": {r["peft"]: cell(r) for r in rows if r["encoder"] == "clean"},
+        "control": {_label(r): cell(r) for r in rows if r["encoder"] == "clean"},
         "mean_asr_reduction": summary["mean_asr_reduction_task_agnostic"],
         "summary": summary,
         "tuning": tuning,
@@ -331,7 +398,7 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
     for r in rows:
         flag = " ⚠ near chance" if r["near_chance"] else ""
         lines.append(
-            f"| {r['encoder']} | {r['peft']} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
+            f"| {r['encoder']} | {_label(r)} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
@@ -343,18 +410,25 @@ def write(out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes
         ]
     lines += [
         "",
-        f"Mean ASR reduction over the task-agnostic attacks and PEFT types: "
+        f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults: the reference recipe, "
+        f"prefix tuning with the `{prefix_variant}` recipe chosen on the validation split): "
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
         f"{summary['cells_in_mean']} rows ({summary['near_chance_cells_left_out']} near-chance rows left out: a model "
-        f"at chance shows no backdoor whether or not the defense works); largest clean-accuracy drop: "
+        f"at chance shows no backdoor whether or not the defense works); the reference recipe everywhere: "
+        f"{100 * (summary['mean_asr_reduction_reference_recipe'] or float('nan')):.1f}% over "
+        f"{summary['cells_in_reference_mean']} rows. Largest clean-accuracy drop: "
         f"{summary['max_cacc_drop_points']:.1f} points.",
         "",
-        "## Coefficient search (validation split, POR + LoRA, seed 0)",
+        "## Validation split (POR, seed 0): coefficients on LoRA, then the prefix-tuning recipe",
         "",
-        "| λ_amp | λ_attn | val CACC | val ASR |",
-        "|---|---|---|---|",
+        "| PEFT | recipe | λ_amp | λ_attn | val CACC | val ASR |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {c['lambda_amp']:g} | {c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f} |" for c in tuning]
+    lines += [
+        f"| {c['peft']} | {c.get('variant', 'reference') if c['defended'] else 'undefended'} | {c['lambda_amp']:g} | "
+        f"{c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f}{' ⚠ near chance' if c['near_chance'] else ''} |"
+        for c in tuning
+    ]
     lines += ["", f"Regenerate: `{meta['command']}`."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     _plot(rows, out.with_suffix(".png"))
@@ -439,7 +513,8 @@ def main() -> None:
         tuning = [c for c in cells if c["split"] == "validation"]
         lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
         wall = sum(c["seconds"] for c in cells)
-        write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall)
+        write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
+              prefix_variant=pick_prefix_variant(tuning), cells_done=len(cells))  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has
@@ -456,6 +531,11 @@ def main() -> None:
     else:
         lambdas, tuning = choose_lambdas(journal, encoder_path("por"), sizes)
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
+    prefix_variant = "reference"
+    if "prefix" in sizes.pefts and not args.lambdas:
+        prefix_variant, prefix_tuning = choose_prefix_variant(journal, encoder_path("por"), sizes, lambdas)
+        tuning += prefix_tuning
+        print(f"prefix tuning recipe: {prefix_variant}", flush=True)
     first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
     encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
     wanted = set(args.encoders or (*encoders, "task-specific", "adaptive-por"))
@@ -463,9 +543,11 @@ def main() -> None:
         for encoder in (e for e in encoders if e in wanted):
             path = None if encoder == "clean" else encoder_path(encoder)
             for peft in sizes.pefts:
-                for defended in (False, True):
-                    journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=defended,
-                                lambdas=lambdas, sizes=sizes)  # fmt: skip
+                journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=False,
+                            lambdas=lambdas, sizes=sizes)  # fmt: skip
+                for variant in VARIANTS if peft == "prefix" else ("reference",):  # others have no virtual keys
+                    journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=True,
+                                lambdas=lambdas, sizes=sizes, variant=variant)  # fmt: skip
         for defended in (False, True):
             if "task-specific" in wanted:
                 journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
@@ -476,7 +558,8 @@ def main() -> None:
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
-    write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start)
+    write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start, prefix_variant=prefix_variant,
+          cells_done=len(journal.cells))  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 
 

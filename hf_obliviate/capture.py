@@ -15,9 +15,11 @@ attention return neither. So we route the model's attention through transformers
 * Afterwards the configs get their original names back, so nothing leaks into ``save_pretrained``.
 
 Key masking uses the 2D ``attention_mask`` of the batch (1 = real token). When the keys are longer than the mask
-(prefix tuning prepends virtual keys, prompt tuning virtual tokens) the mask is extended with ones on the left, so
-prefix keys count in the norm. Padded keys are *selected out* (``masked_fill`` with 0), never multiplied by a mask
-that holds ``-inf``. Causal attention modules only count keys at or before each query row.
+(prefix tuning prepends virtual keys) the mask is extended on the left: with ones by default, so prefix keys count
+in the norm as in METHOD.md §1, or with zeros for ``virtual_keys="skip"`` (the prefix keys are prefix tuning's only
+lever on the model, and penalising them collapsed it in `benchmarks/defense.py`). Padded keys are *selected out*
+(``masked_fill`` with 0), never multiplied by a mask that holds ``-inf``. Causal attention modules only count keys
+at or before each query row.
 
 Packed (padding-free) batches have no ``attention_mask``; pass ``segment_ids`` (or ``position_ids``, from which
 :func:`segments_from_position_ids` derives them: a new sequence starts wherever the position restarts at 0) and a
@@ -56,6 +58,8 @@ __all__ = [
 ]
 
 QUERY_MODES = ("auto", "first", "last", "rows")
+# Keys before the sequence's own (prefix tuning's virtual keys): counted in the row norm (METHOD.md §1) or skipped.
+VIRTUAL_KEY_MODES = ("count", "skip")
 _PREFIX = "obliviate:"
 _REGISTERED: set[str] = set()
 _LOCK = threading.Lock()
@@ -309,9 +313,11 @@ class _Session:
         keep_logits: bool,
         segment_ids: torch.Tensor | None = None,
         grad_only: bool = False,
+        virtual_keys: str = "count",
     ):
         self.record = record
         self.segment_ids = segment_ids
+        self.virtual_keys = virtual_keys
         self.grad_only = grad_only
         self.mode = mode
         self.attention_mask = attention_mask
@@ -320,13 +326,15 @@ class _Session:
         self.keep_logits = keep_logits
         self._rows_cache: dict[tuple, object] = {}
 
-    def key_mask(self, batch: int, kv_len: int, device: torch.device) -> torch.Tensor | None:
+    def key_mask(self, batch: int, kv_len: int, device: torch.device, q_len: int | None = None) -> torch.Tensor | None:
         mask = self.attention_mask
-        if mask is None:
-            return None
-        cache_key = ("keys", batch, kv_len)
+        cache_key = ("keys", batch, kv_len, q_len)
         if cache_key in self._rows_cache:
             return self._rows_cache[cache_key]
+        if mask is None:
+            if self.virtual_keys == "count" or q_len is None or kv_len <= q_len:
+                return None
+            mask = torch.ones(batch, q_len, dtype=torch.bool, device=device)  # only the virtual keys are masked
         mask = mask.to(device=device).bool()
         if mask.dim() != 2 or mask.shape[0] != batch:
             raise AttentionCaptureError(
@@ -334,7 +342,8 @@ class _Session:
                 f"{tuple(mask.shape)}. Pass the tokenizer's attention_mask to `record()`."
             )
         if mask.shape[1] < kv_len:  # prefix / virtual keys come first and are always attended to
-            mask = torch.cat([mask.new_ones(batch, kv_len - mask.shape[1]), mask], dim=1)
+            virtual = mask.new_ones if self.virtual_keys == "count" else mask.new_zeros
+            mask = torch.cat([virtual(batch, kv_len - mask.shape[1]), mask], dim=1)
         elif mask.shape[1] > kv_len:
             raise AttentionCaptureError(
                 f"attention_mask has {mask.shape[1]} positions but the attention layer sees {kv_len} keys. "
@@ -449,7 +458,8 @@ class _Session:
         row_segments = torch.gather(segments, 1, rows)  # (batch, rows)
         same = segments[:, None, :] == row_segments[:, :, None]  # (batch, rows, q_len)
         if kv_len > q_len:  # prefix / cached keys come first
-            same = torch.cat([same.new_ones(batch, rows.shape[1], kv_len - q_len), same], dim=2)
+            virtual = same.new_ones if self.virtual_keys == "count" else same.new_zeros
+            same = torch.cat([virtual(batch, rows.shape[1], kv_len - q_len), same], dim=2)
         return same
 
     def observe(
@@ -465,7 +475,7 @@ class _Session:
             raise AttentionCaptureError(f"{heads} query heads cannot share {kv_heads} key heads.")
         if scaling is None:
             scaling = head_dim**-0.5
-        kv_mask = self.key_mask(batch, kv_len, query.device)
+        kv_mask = self.key_mask(batch, kv_len, query.device, q_len)
         if kv_mask is None:
             token_mask = query.new_ones(batch, kv_len, dtype=torch.bool)
         else:
@@ -601,9 +611,19 @@ class AttentionLogitCapture:
     ```
     """
 
-    def __init__(self, model: nn.Module, query: str = "auto", query_offset: int = 0, keep_logits: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        query: str = "auto",
+        query_offset: int = 0,
+        keep_logits: bool = False,
+        virtual_keys: str = "count",
+    ):
         if query not in QUERY_MODES:
             raise ValueError(f"Unknown query mode {query!r}: choose one of {', '.join(QUERY_MODES)}.")
+        if virtual_keys not in VIRTUAL_KEY_MODES:
+            raise ValueError(f"Unknown virtual_keys {virtual_keys!r}: choose one of {', '.join(VIRTUAL_KEY_MODES)}.")
+        self.virtual_keys = virtual_keys
         self.model = model
         self.query = query
         self.query_offset = query_offset
@@ -660,6 +680,7 @@ class AttentionLogitCapture:
             self.keep_logits if keep_logits is None else keep_logits,
             segment_ids,
             grad_only,
+            self.virtual_keys,
         )
         configs = self._configs
         originals = [config._attn_implementation for config in configs]

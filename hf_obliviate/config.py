@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from .capture import QUERY_MODES
+from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
 __all__ = ["DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "ObliviateConfig"]
 
@@ -36,6 +36,10 @@ class ObliviateConfig:
         attn_query (`str`, *optional*, defaults to `"auto"`):
             Query rows penalised: `"auto"` (position 0 for encoders, the last non-pad token for causal models,
             completion tokens in SFT), `"first"`, `"last"` or `"rows"`.
+        attn_virtual_keys (`str`, *optional*, defaults to `"count"`):
+            Prefix tuning's virtual keys in the penalised row norm: `"count"` (METHOD.md §1, the reference recipe)
+            or `"skip"` (the named variant for prefix tuning: the prefix keys are its only lever on the model, and
+            penalising them collapsed it to chance in `benchmarks/defense.py`). Other PEFT types have no virtual keys.
         peft_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
             0.01 in its defense runs; it is off by default here.
@@ -65,6 +69,10 @@ class ObliviateConfig:
     attn_query: str = field(
         default="auto", metadata={"help": "Query rows penalised: auto, first, last or rows (completion tokens)."}
     )
+    attn_virtual_keys: str = field(
+        default="count",
+        metadata={"help": "Prefix tuning's virtual keys in the attention penalty: count (reference) or skip."},
+    )
     peft_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}
     )
@@ -90,6 +98,10 @@ class ObliviateConfig:
             )
         if self.attn_query not in QUERY_MODES:
             raise ValueError(f"Unknown attn_query {self.attn_query!r}: choose one of {', '.join(QUERY_MODES)}.")
+        if self.attn_virtual_keys not in VIRTUAL_KEY_MODES:
+            raise ValueError(
+                f"Unknown attn_virtual_keys {self.attn_virtual_keys!r}: choose one of {', '.join(VIRTUAL_KEY_MODES)}."
+            )
         if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
             raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
         if not 0.0 <= self.peft_dropout < 1.0:

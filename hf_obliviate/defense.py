@@ -96,7 +96,10 @@ class ObliviateDefense:
         self.capture: AttentionLogitCapture | None = None
         if self.config.lambda_attn > 0:
             self.capture = AttentionLogitCapture(
-                model, query=self.config.attn_query, query_offset=_query_offset(model)
+                model,
+                query=self.config.attn_query,
+                query_offset=_query_offset(model),
+                virtual_keys=self.config.attn_virtual_keys,
             )
         self._hooks: list = []
         if self.config.peft_dropout > 0:

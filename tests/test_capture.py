@@ -89,6 +89,34 @@ def test_prefix_keys_count_and_padding_is_excluded():
     assert torch.isinf(layer.logits[~expected[:, None, None, :].expand_as(layer.logits)]).all()
 
 
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_prefix_keys_skipped_with_virtual_keys_skip(with_mask):
+    """`virtual_keys="skip"` leaves prefix tuning's virtual keys out of the penalised norm (the named variant for
+    prefix tuning), with or without an attention mask; the sequence's own keys count as before."""
+    model = tiny_peft_model("bert", "prefix")
+    batch = tiny_batch()
+    if not with_mask:
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    norms = {}
+    for mode in ("count", "skip"):
+        capture = AttentionLogitCapture(model, keep_logits=True, virtual_keys=mode)
+        with capture.record(attention_mask=batch["attention_mask"] if with_mask else None) as record:
+            model(**batch)
+        layer = record.layers[0]
+        n_prefix = layer.logits.shape[-1] - batch["input_ids"].shape[1]
+        assert n_prefix == 4
+        real = batch["attention_mask"].bool()
+        virtual = torch.full((4, n_prefix), mode == "count")
+        torch.testing.assert_close(layer.key_mask[:, 0, :], torch.cat([virtual, real], dim=1))
+        norms[mode] = record.loss()
+        if mode == "skip":  # the norm over the real keys alone, from the kept logits
+            logits = layer.logits[..., n_prefix:].masked_fill(~real[:, None, None, :], 0.0)
+            torch.testing.assert_close(layer.norm, logits.norm(dim=-1).mean(), rtol=1e-5, atol=1e-6)
+    assert norms["skip"] < norms["count"]
+    with pytest.raises(ValueError, match="virtual_keys"):
+        AttentionLogitCapture(model, virtual_keys="drop")
+
+
 def test_gradients_flow_and_are_finite_with_padding():
     model = tiny_peft_model("llama", "lora", attn_implementation="eager")
     batch = tiny_batch(family="llama")

@@ -41,7 +41,7 @@ def test_defense_benchmark_quick(tmp_path):
     assert {c["metric"] for c in data["cells"]} == {"asr", "accuracy_drop", "targeted_asr"}
     assert data["tuning"] and all(c["split"] == "validation" for c in data["tuning"])
     table = out.with_suffix(".md").read_text()
-    assert "| por | lora |" in table and "Coefficient search" in table
+    assert "| por | lora |" in table and "## Validation split" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     # Resume: a second run reuses every finished cell.
     again = subprocess.run(
@@ -49,3 +49,55 @@ def test_defense_benchmark_quick(tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert again.returncode == 0 and " und λ" not in again.stdout
+
+
+def _defense_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("defense_benchmark", ROOT / "benchmarks" / "defense.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cell(peft, defended, cacc, asr, split="test", variant="reference", seed=0, near_chance=False, encoder="por"):
+    lambdas = (3e-4, 3e-3) if defended else (0.0, 0.0)
+    return {"encoder": encoder, "peft": peft, "seed": seed, "defended": defended, "lambda_amp": lambdas[0],
+            "lambda_attn": lambdas[1], "cacc": cacc, "asr": asr, "metric": "asr", "near_chance": near_chance,
+            "seconds": 1.0, "split": split, "variant": variant}  # fmt: skip
+
+
+def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(tmp_path):
+    """The prefix-tuning variant becomes the prefix default only when it wins on the validation split; both recipes
+    get a row, each compared with the same undefended runs, and the mean uses the chosen one."""
+    defense = _defense_module()
+    val = [
+        _cell("lora", False, 0.75, 0.9, "validation"), _cell("lora", True, 0.745, 0.3, "validation"),
+        _cell("prefix", False, 0.64, 0.6, "validation"),
+        _cell("prefix", True, 0.49, 0.0, "validation", near_chance=True),  # the reference collapses it
+        _cell("prefix", True, 0.63, 0.3, "validation", variant="skip-virtual-keys"),
+    ]  # fmt: skip
+    assert defense.pick_lambdas(val) == (3e-4, 3e-3)
+    assert defense.pick_prefix_variant(val) == "skip-virtual-keys"
+    losing = [*val[:4], _cell("prefix", True, 0.55, 0.1, "validation", variant="skip-virtual-keys")]
+    assert defense.pick_prefix_variant(losing) == "reference"  # 9 points of CACC lost: not eligible
+    assert defense.pick_prefix_variant(val[:2]) == "reference"
+    test = [
+        _cell("lora", False, 0.72, 1.0), _cell("lora", True, 0.70, 0.5),
+        _cell("prefix", False, 0.66, 0.8), _cell("prefix", True, 0.49, 0.0, near_chance=True),
+        _cell("prefix", True, 0.65, 0.2, variant="skip-virtual-keys"),
+    ]  # fmt: skip
+    rows = defense.summarise(test)
+    by = {(r["peft"], r["variant"]): r for r in rows}
+    assert set(by) == {("lora", "reference"), ("prefix", "reference"), ("prefix", "skip-virtual-keys")}
+    assert by[("prefix", "skip-virtual-keys")]["asr_undefended"] == 0.8  # the shared undefended run
+    assert by[("prefix", "skip-virtual-keys")]["asr_reduction"] == pytest.approx(0.75)
+    out = tmp_path / "defense"
+    defense.write(out, rows, val, (3e-4, 3e-3), defense.Sizes(), "cpu", 60.0, prefix_variant="skip-virtual-keys",
+                  cells_done=len(test) + len(val))  # fmt: skip
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["mean_asr_reduction"] == pytest.approx((0.5 + 0.75) / 2)
+    assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
+    assert data["summary"]["cells_done"] == 10
+    assert "| por | prefix (skip-virtual-keys) |" in out.with_suffix(".md").read_text()

@@ -74,7 +74,8 @@ class DeltaPushArguments:
 @dataclass
 class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig`
-    (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``peft_dropout``) and the
+    (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``,
+    ``peft_dropout``) and the
     push fields of :class:`DeltaPushArguments` (``delta_compression``, ...).
 
     Example:

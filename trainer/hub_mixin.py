@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from hf_obliviate.config import ObliviateConfig
 
 __all__ = ["CompressedPushMixin"]
 
@@ -76,7 +79,7 @@ class CompressedPushMixin:
         info: dict[str, Any] = {}
         defense = {
             k: getattr(self.args, k)
-            for k in ("obliviate", "lambda_amp", "lambda_attn", "amp_norm_cap", "attn_query", "peft_dropout")
+            for k in (f.name for f in fields(ObliviateConfig))
             if getattr(self.args, k, None) is not None
         }
         if defense.get("obliviate") is False:  # plain PEFT training: the coefficients were not used

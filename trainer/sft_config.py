@@ -17,7 +17,8 @@ __all__ = ["ObliviateSFTConfig"]
 @dataclass
 class ObliviateSFTConfig(ObliviateConfig, DeltaPushArguments, SFTConfig):
     """``trl.SFTConfig`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig` (``obliviate``,
-    ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``peft_dropout``) and the push fields of
+    ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``, ``peft_dropout``) and
+    the push fields of
     :class:`hf_obliviate.DeltaPushArguments`.
 
     For causal-LM SFT, ``attn_query="auto"`` penalises the query rows of every completion token (the positions whose
