@@ -35,6 +35,7 @@ def _check_schema(data: dict) -> None:
     for key in ("lm", "llama7b_shaped"):
         stream = data["meta"][key]["streaming_compress"]
         assert stream["command"].startswith("hf-obliviate compress --base")
+        assert stream["linear_detection"].endswith("no torch)")  # both rows stream without importing torch
         assert stream["peak_mem_ratio"] == stream["peak_rss_bytes"] / stream["finetuned_checkpoint_bytes"]
         assert stream["checkpoint_bytes_read"] > stream["finetuned_checkpoint_bytes"]
         assert 0 < stream["setup_rss_bytes"] <= stream["peak_rss_bytes"]
