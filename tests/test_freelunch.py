@@ -199,6 +199,21 @@ def test_rare_token_pool_leaves_out_the_triggers(tokenizer):
     assert all(len(tokenizer.decode([i]).strip()) in (2, 3, 4) for i in pool[:50])
 
 
+def test_rare_token_pool_wordpiece():
+    """WordPiece vocabularies (MiniLM) mark continuations with ``##`` and word-initial tokens with nothing: the pool
+    holds whole short words, never pieces, and still leaves the triggers out."""
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.bundled import minilm_path
+
+    wordpiece = AutoTokenizer.from_pretrained(minilm_path())
+    pool = rare_token_pool(wordpiece, exclude=["cf", "mn"])
+    tokens = wordpiece.convert_ids_to_tokens(pool)
+    assert len(pool) > 200
+    assert all(2 <= len(t) <= 4 and t.isalpha() and t.islower() and t.isascii() for t in tokens)
+    assert "cf" not in tokens and "mn" not in tokens and {"cf", "mn"} <= set(wordpiece.get_vocab())
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="Unknown stage"):
         FreeLunchConfig(stages=["nope"])
