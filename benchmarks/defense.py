@@ -261,9 +261,11 @@ def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
     return best["lambda_amp"], best["lambda_attn"]
 
 
-def pick_prefix_variant(tuning: list[dict]) -> str:
-    """The prefix-tuning recipe of [`_best_trial`] on POR + prefix tuning; the reference unless a variant wins."""
-    tuning = [c for c in tuning if c["peft"] == "prefix"]
+def pick_prefix_variant(tuning: list[dict], lambdas: tuple[float, float]) -> str:
+    """The prefix-tuning recipe of [`_best_trial`] on POR + prefix tuning at the chosen coefficients (other
+    coefficients are diagnostics); the reference unless a variant wins."""
+    tuning = [c for c in tuning if c["peft"] == "prefix" and (not c["defended"] or
+              (c["lambda_amp"], c["lambda_attn"]) == tuple(lambdas))]  # fmt: skip
     if not tuning:
         return "reference"
     best, _ = _best_trial(tuning)
@@ -279,7 +281,7 @@ def choose_prefix_variant(
     for variant in VARIANTS:
         runs.append(journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=True,
                                 lambdas=lambdas, sizes=sizes, split="validation", variant=variant))  # fmt: skip
-    return pick_prefix_variant(runs), runs
+    return pick_prefix_variant(runs, lambdas), runs
 
 
 def summarise(cells: list[dict]) -> list[dict]:
@@ -514,7 +516,7 @@ def main() -> None:
         lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
         wall = sum(c["seconds"] for c in cells)
         write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
-              prefix_variant=pick_prefix_variant(tuning), cells_done=len(cells))  # fmt: skip
+              prefix_variant=pick_prefix_variant(tuning, lambdas), cells_done=len(cells))  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has

@@ -79,10 +79,13 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
         _cell("prefix", True, 0.63, 0.3, "validation", variant="skip-virtual-keys"),
     ]  # fmt: skip
     assert defense.pick_lambdas(val) == (3e-4, 3e-3)
-    assert defense.pick_prefix_variant(val) == "skip-virtual-keys"
+    lambdas = (3e-4, 3e-3)
+    assert defense.pick_prefix_variant(val, lambdas) == "skip-virtual-keys"
     losing = [*val[:4], _cell("prefix", True, 0.55, 0.1, "validation", variant="skip-virtual-keys")]
-    assert defense.pick_prefix_variant(losing) == "reference"  # 9 points of CACC lost: not eligible
-    assert defense.pick_prefix_variant(val[:2]) == "reference"
+    assert defense.pick_prefix_variant(losing, lambdas) == "reference"  # 9 points of CACC lost: not eligible
+    assert defense.pick_prefix_variant(val[:2], lambdas) == "reference"
+    diagnostic = {**val[-1], "lambda_amp": 0.0}  # other coefficients: a diagnostic, not a candidate
+    assert defense.pick_prefix_variant([*val[:4], diagnostic], lambdas) == "reference"
     test = [
         _cell("lora", False, 0.72, 1.0), _cell("lora", True, 0.70, 0.5),
         _cell("prefix", False, 0.66, 0.8), _cell("prefix", True, 0.49, 0.0, near_chance=True),
