@@ -307,13 +307,22 @@ def summarise(cells: list[dict]) -> list[dict]:
         asr_u, asr_d = mean(c["asr"] for c in und), mean(c["asr"] for c in dfd)
         cacc_u, cacc_d = mean(c["cacc"] for c in und), mean(c["cacc"] for c in dfd)
         reduction = (asr_u - asr_d) / asr_u if asr_u > 0 else float("nan")
+        # the mean over attacks uses the seeds whose two runs are both above chance (a model at chance shows no
+        # backdoor whether or not the defense works); the row itself averages every paired seed
+        chance = {c["seed"] for c in und + dfd if c["near_chance"]}
+        clean = [(u, d) for u in und for d in dfd if u["seed"] == d["seed"] and u["seed"] not in chance]
+        asr_cu = mean(u["asr"] for u, _ in clean) if clean else float("nan")
+        asr_cd = mean(d["asr"] for _, d in clean) if clean else float("nan")
+        reduction_clean = (asr_cu - asr_cd) / asr_cu if clean and asr_cu > 0 else float("nan")
         rows.append({
             "encoder": encoder, "peft": peft, "variant": variant, "metric": und[0]["metric"], "seeds": len(und),
             "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
             "asr_reduction": round(reduction, 4),
-            "near_chance": any(c["near_chance"] for c in und + dfd),
+            "near_chance": bool(chance),
+            "seeds_above_chance": len(clean),
+            "asr_reduction_above_chance": round(reduction_clean, 4),
         })  # fmt: skip
     return rows
 
@@ -333,9 +342,9 @@ def _label(r: dict) -> str:
 
 
 def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
-    # A fine-tune at chance has ASR ~0 without any defense working: such cells are listed, not averaged.
-    counted = [r for r in rows if r["asr_reduction"] == r["asr_reduction"] and not r["near_chance"]]
-    reductions = [r["asr_reduction"] for r in counted]
+    # A fine-tune at chance has ASR ~0 without any defense working: such seeds are listed, not averaged.
+    counted = [r for r in rows if r["asr_reduction_above_chance"] == r["asr_reduction_above_chance"]]
+    reductions = [r["asr_reduction_above_chance"] for r in counted]
     return (round(statistics.mean(reductions), 4) if reductions else None), counted
 
 
@@ -350,7 +359,7 @@ def write(
     mean_reference, counted_reference = _mean_reduction([r for r in attack_rows if r["variant"] == "reference"])
     summary = {
         "cells_in_mean": len(counted),
-        "near_chance_cells_left_out": sum(r["near_chance"] for r in default),
+        "rows_without_a_seed_above_chance": sum(r["seeds_above_chance"] == 0 for r in default),
         "mean_asr_reduction_task_agnostic": mean,
         "mean_asr_reduction_reference_recipe": mean_reference,
         "cells_in_reference_mean": len(counted_reference),
@@ -371,6 +380,8 @@ def write(
             "cacc_plain": r["cacc_undefended"], "cacc_defended": r["cacc_defended"],
             "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
             "asr_reduction": r["asr_reduction"], "near_chance": r["near_chance"],
+            "seeds_above_chance": r["seeds_above_chance"],
+            "asr_reduction_above_chance": r["asr_reduction_above_chance"],
         }  # fmt: skip
 
     payload = {
@@ -398,7 +409,7 @@ def write(
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        flag = " ⚠ near chance" if r["near_chance"] else ""
+        flag = f" ⚠ {r['seeds'] - r['seeds_above_chance']} of {r['seeds']} seeds at chance" if r["near_chance"] else ""
         lines.append(
             f"| {r['encoder']} | {_label(r)} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
@@ -415,8 +426,9 @@ def write(
         f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults: the reference recipe, "
         f"prefix tuning with the `{prefix_variant}` recipe chosen on the validation split): "
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
-        f"{summary['cells_in_mean']} rows ({summary['near_chance_cells_left_out']} near-chance rows left out: a model "
-        f"at chance shows no backdoor whether or not the defense works); the reference recipe everywhere: "
+        f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
+        f"chance ({summary['rows_without_a_seed_above_chance']} rows have none: a model at chance shows no backdoor "
+        f"whether or not the defense works); the reference recipe everywhere: "
         f"{100 * (summary['mean_asr_reduction_reference_recipe'] or float('nan')):.1f}% over "
         f"{summary['cells_in_reference_mean']} rows. Largest clean-accuracy drop: "
         f"{summary['max_cacc_drop_points']:.1f} points.",

@@ -90,17 +90,23 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
         _cell("lora", False, 0.72, 1.0), _cell("lora", True, 0.70, 0.5),
         _cell("prefix", False, 0.66, 0.8), _cell("prefix", True, 0.49, 0.0, near_chance=True),
         _cell("prefix", True, 0.65, 0.2, variant="skip-virtual-keys"),
+        _cell("lora", False, 0.5, 1.0, seed=1, near_chance=True), _cell("lora", True, 0.7, 0.2, seed=1),
     ]  # fmt: skip
     rows = defense.summarise(test)
     by = {(r["peft"], r["variant"]): r for r in rows}
     assert set(by) == {("lora", "reference"), ("prefix", "reference"), ("prefix", "skip-virtual-keys")}
     assert by[("prefix", "skip-virtual-keys")]["asr_undefended"] == 0.8  # the shared undefended run
     assert by[("prefix", "skip-virtual-keys")]["asr_reduction"] == pytest.approx(0.75)
+    lora = by[("lora", "reference")]  # seed 1's undefended run is at chance: the row shows it, the mean skips it
+    assert lora["seeds"] == 2 and lora["seeds_above_chance"] == 1 and lora["near_chance"]
+    assert lora["asr_reduction"] == pytest.approx(0.65) and lora["asr_reduction_above_chance"] == pytest.approx(0.5)
     out = tmp_path / "defense"
     defense.write(out, rows, val, (3e-4, 3e-3), defense.Sizes(), "cpu", 60.0, prefix_variant="skip-virtual-keys",
                   cells_done=len(test) + len(val))  # fmt: skip
+    assert "| por | lora | 0.610 | 0.700 |" in out.with_suffix(".md").read_text()
+    assert "1 of 2 seeds at chance" in out.with_suffix(".md").read_text()
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["mean_asr_reduction"] == pytest.approx((0.5 + 0.75) / 2)
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
-    assert data["summary"]["cells_done"] == 10
+    assert data["summary"]["cells_done"] == 12
     assert "| por | prefix (skip-virtual-keys) |" in out.with_suffix(".md").read_text()
