@@ -323,6 +323,7 @@ def summarise(cells: list[dict]) -> list[dict]:
             "near_chance": bool(chance),
             "seeds_above_chance": len(clean),
             "asr_reduction_above_chance": round(reduction_clean, 4),
+            "asr_undefended_above_chance": round(asr_cu, 4),
         })  # fmt: skip
     return rows
 
@@ -341,9 +342,14 @@ def _label(r: dict) -> str:
     return r["peft"] if r["variant"] == "reference" else f"{r['peft']} ({r['variant']})"
 
 
+PLANTED_ASR = 0.8  # an attack whose undefended ASR stays below this was not planted: its row measures nothing
+
+
 def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
-    # A fine-tune at chance has ASR ~0 without any defense working: such seeds are listed, not averaged.
-    counted = [r for r in rows if r["asr_reduction_above_chance"] == r["asr_reduction_above_chance"]]
+    # A fine-tune at chance has ASR ~0 without any defense working: such seeds are listed, not averaged. Nor are
+    # rows whose attack does not work undefended (the bar: ASR >= 0.8 against an undefended fine-tune).
+    counted = [r for r in rows if r["asr_reduction_above_chance"] == r["asr_reduction_above_chance"]
+               and r["asr_undefended_above_chance"] >= PLANTED_ASR]  # fmt: skip
     reductions = [r["asr_reduction_above_chance"] for r in counted]
     return (round(statistics.mean(reductions), 4) if reductions else None), counted
 
@@ -381,6 +387,7 @@ def write(
             "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
             "asr_reduction": r["asr_reduction"], "near_chance": r["near_chance"],
             "seeds_above_chance": r["seeds_above_chance"],
+            "asr_undefended_above_chance": r["asr_undefended_above_chance"],
             "asr_reduction_above_chance": r["asr_reduction_above_chance"],
         }  # fmt: skip
 
@@ -410,6 +417,8 @@ def write(
     ]
     for r in rows:
         flag = f" ⚠ {r['seeds'] - r['seeds_above_chance']} of {r['seeds']} seeds at chance" if r["near_chance"] else ""
+        if r["encoder"] in ATTACKS and r["seeds_above_chance"] and r["asr_undefended_above_chance"] < PLANTED_ASR:
+            flag += f" ⚠ attack below {PLANTED_ASR:g} undefended: not in the mean"
         lines.append(
             f"| {r['encoder']} | {_label(r)} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
@@ -428,7 +437,8 @@ def write(
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
         f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
         f"chance ({summary['rows_without_a_seed_above_chance']} rows have none: a model at chance shows no backdoor "
-        f"whether or not the defense works); the reference recipe everywhere: "
+        f"whether or not the defense works), and whose attack reaches ASR ≥ {PLANTED_ASR:g} undefended; the "
+        f"reference recipe everywhere: "
         f"{100 * (summary['mean_asr_reduction_reference_recipe'] or float('nan')):.1f}% over "
         f"{summary['cells_in_reference_mean']} rows. Largest clean-accuracy drop: "
         f"{summary['max_cacc_drop_points']:.1f} points.",

@@ -91,9 +91,11 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
         _cell("prefix", False, 0.66, 0.8), _cell("prefix", True, 0.49, 0.0, near_chance=True),
         _cell("prefix", True, 0.65, 0.2, variant="skip-virtual-keys"),
         _cell("lora", False, 0.5, 1.0, seed=1, near_chance=True), _cell("lora", True, 0.7, 0.2, seed=1),
+        _cell("lora", False, 0.7, 0.3, encoder="uor"), _cell("lora", True, 0.7, 0.1, encoder="uor"),  # not planted
     ]  # fmt: skip
     rows = defense.summarise(test)
-    by = {(r["peft"], r["variant"]): r for r in rows}
+    assert {(r["encoder"], r["peft"]) for r in rows} >= {("uor", "lora")}
+    by = {(r["peft"], r["variant"]): r for r in rows if r["encoder"] == "por"}
     assert set(by) == {("lora", "reference"), ("prefix", "reference"), ("prefix", "skip-virtual-keys")}
     assert by[("prefix", "skip-virtual-keys")]["asr_undefended"] == 0.8  # the shared undefended run
     assert by[("prefix", "skip-virtual-keys")]["asr_reduction"] == pytest.approx(0.75)
@@ -105,8 +107,10 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
                   cells_done=len(test) + len(val))  # fmt: skip
     assert "| por | lora | 0.610 | 0.700 |" in out.with_suffix(".md").read_text()
     assert "1 of 2 seeds at chance" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| uor | lora |" in table and "not in the mean" in table
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["mean_asr_reduction"] == pytest.approx((0.5 + 0.75) / 2)
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
-    assert data["summary"]["cells_done"] == 12
+    assert data["summary"]["cells_done"] == 14
     assert "| por | prefix (skip-virtual-keys) |" in out.with_suffix(".md").read_text()
