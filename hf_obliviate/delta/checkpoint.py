@@ -294,14 +294,20 @@ def fingerprint_checkpoint(folder: str | os.PathLike, chunk_elems: int = 1 << 18
     fp = Fingerprinter()
     with CheckpointReader(folder) as reader:
         for name in reader.names():
-            dtype = reader.dtype_name(name)
-            if dtype is None:  # fp8 and other dtypes only safetensors decodes
-                fp.update(name, reader.get(name))
-                continue
-            fp.begin(name, reader.shape(name), dtype)
-            for chunk in reader.chunks(name, chunk_elems, framework="np"):
-                fp.feed(chunk)
+            fingerprint_stored(fp, reader, name, chunk_elems)
     return fp.hexdigest()
+
+
+def fingerprint_stored(fp: Fingerprinter, reader: CheckpointReader, name: str, chunk_elems: int = 1 << 18) -> None:
+    """Feeds one stored tensor into ``fp``: read in numpy chunks, or whole through torch for dtypes only safetensors
+    decodes (fp8, ...)."""
+    dtype = reader.dtype_name(name)
+    if dtype is None:
+        fp.update(name, reader.get(name))
+        return
+    fp.begin(name, reader.shape(name), dtype)
+    for chunk in reader.chunks(name, chunk_elems, framework="np"):
+        fp.feed(chunk)
 
 
 def linear_weight_names(model: torch.nn.Module) -> set[str]:

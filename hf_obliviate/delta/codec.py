@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .format import ShapeMismatchError, pack_signs, unpack_signs
-from .stream import BitDeltaStats
+from .stream import BitDeltaStats, check_dense_dtype
 
 __all__ = [
     "BitDeltaCompressor",
@@ -296,13 +296,10 @@ class BitDeltaCompressor:
 
 
 # ----------------------------------------------------------------------------------------------------- baselines
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def _dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"Unsupported storage dtype {name!r}; choose one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
+    """The torch dtype of a storage dtype name."""
+    check_dense_dtype(name)
+    return getattr(torch, name)
 
 
 @register_compressor

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import FLOAT_DTYPE_NAMES, CheckpointReader, as_float32, resolve_checkpoint
+from .checkpoint import FLOAT_DTYPE_NAMES, CheckpointReader, as_float32, fingerprint_stored, resolve_checkpoint
 from .format import DELTA_CONFIG_NAME, Fingerprinter, ShapeMismatchError
 from .linear_names import linear_weight_names_by_name
 from .writer import ShardWriter, build_metadata, size_report, summarize_errors, write_json_atomic
@@ -42,8 +42,13 @@ def check_options(non_linear: str, dense_dtype: str) -> None:
             f"non_linear must be one of {NON_LINEAR_MODES} (got {non_linear!r}): 'dense' keeps changed embeddings, "
             "norms and heads as dense deltas, 'revert' reverts them to the base weights."
         )
-    if dense_dtype not in DENSE_DTYPES:
-        raise ValueError(f"Unsupported storage dtype {dense_dtype!r}; choose one of {sorted(DENSE_DTYPES)}.")
+    check_dense_dtype(dense_dtype)
+
+
+def check_dense_dtype(name: str) -> None:
+    """Refuses a storage dtype name outside [`DENSE_DTYPES`] (the one list, shared with the torch compressors)."""
+    if name not in DENSE_DTYPES:
+        raise ValueError(f"Unsupported storage dtype {name!r}; choose one of {sorted(DENSE_DTYPES)}.")
 
 
 # ------------------------------------------------------------------------------------------------- BitDelta kernel
@@ -350,12 +355,7 @@ def compress_checkpoints(
         for name, base_name in tqdm(order, desc="Compressing delta", disable=not progress, unit="tensor"):
             base_dtype = base_reader.dtype_name(base_name) if base_name is not None else None
             if name is None:  # only in the base: hashed, nothing to store
-                if base_dtype is None:
-                    fingerprint.update(base_name, base_reader.get(base_name))
-                    continue
-                fingerprint.begin(base_name, base_reader.shape(base_name), base_dtype)
-                for chunk in base_reader.chunks(base_name, CHUNK_ELEMS, framework="np"):
-                    fingerprint.feed(chunk)
+                fingerprint_stored(fingerprint, base_reader, base_name, CHUNK_ELEMS)
                 continue
             shape = ft_reader.shape(name)
             is_linear = name in linear if linear is not None else name.endswith(".weight") and len(shape) == 2
