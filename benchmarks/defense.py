@@ -212,10 +212,9 @@ class Journal:
         probe = dict(kwargs)
         lambdas = probe.pop("lambdas")
         defended = probe["defended"]
-        key = (probe["encoder"], probe["peft"], probe["seed"], defended, lambdas[0] if defended else 0.0,
-               lambdas[1] if defended else 0.0, probe.get("split", "test"),
-               probe.get("variant", "reference") if defended else "reference")  # fmt: skip
-        probe["variant"] = key[-1]
+        probe["variant"] = probe.get("variant", "reference") if defended else "reference"
+        key = _key({**probe, "lambda_amp": lambdas[0] if defended else 0.0,
+                    "lambda_attn": lambdas[1] if defended else 0.0, "split": probe.get("split", "test")})  # fmt: skip
         if key in self.cells:
             return self.cells[key]
         cell = asdict(run_cell(lambdas=lambdas, **probe))
@@ -292,8 +291,8 @@ def summarise(cells: list[dict]) -> list[dict]:
         if cell["split"] != "test":
             continue
         if cell["defended"]:
-            groups.setdefault((cell["encoder"], cell["peft"], cell.get("variant", "reference")), {})
-            groups[(cell["encoder"], cell["peft"], cell.get("variant", "reference"))].setdefault(True, []).append(cell)
+            group = (cell["encoder"], cell["peft"], cell.get("variant", "reference"))
+            groups.setdefault(group, {}).setdefault(True, []).append(cell)
         else:
             undefended.setdefault((cell["encoder"], cell["peft"]), []).append(cell)
     for (encoder, peft, variant), by in groups.items():
