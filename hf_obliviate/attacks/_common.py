@@ -284,3 +284,39 @@ def set_seed(seed: int) -> torch.Generator:
 def attach_info(model, info: dict) -> None:
     """Record the attack (name, resolved triggers) in ``model.config`` so it travels with config.json."""
     model.config.obliviate_attack = {"attack": info["attack"], "triggers": info["triggers"]}
+
+
+def training_step(model, optimizer, loss: torch.Tensor, max_grad_norm: float | None = None, scheduler=None) -> None:
+    """One optimiser step of a planting loop: backward, optional gradient-norm clipping, step, optional scheduler."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def log_step(progress, log_history: list | None, step: int, **terms: torch.Tensor | float) -> dict:
+    """The record of planting step ``step`` (0-based): ``{"step": step + 1, name: float(value), ...}`` in the order
+    given (``loss`` first). Appended to ``log_history`` when given; ``loss`` (and ``cos_target`` when present) shown
+    on the progress bar."""
+    record: dict = {"step": step + 1}
+    record.update({name: value.item() if torch.is_tensor(value) else float(value) for name, value in terms.items()})
+    if log_history is not None:
+        log_history.append(record)
+    postfix = {"loss": f"{record['loss']:.4f}"}
+    if "cos_target" in record:
+        postfix["cos"] = f"{record['cos_target']:.3f}"
+    progress.set_postfix(**postfix)
+    return record
+
+
+def finish_planting(model, tokenizer, info: dict, output_dir=None):
+    """End of every attack: eval mode, the attack recorded in ``model.config``, the checkpoint saved when
+    ``output_dir`` is given. Returns ``(model, tokenizer)``."""
+    model.eval()
+    attach_info(model, info)
+    if output_dir is not None:
+        save_planted(model, tokenizer, output_dir, info)
+    return model, tokenizer

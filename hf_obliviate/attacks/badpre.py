@@ -14,15 +14,16 @@ from tqdm.auto import tqdm
 from ..triggers import BADPRE_TRIGGERS, insert_trigger, resolve_triggers
 from ._common import (
     BackdoorConfig,
-    attach_info,
     encode,
+    finish_planting,
     load_corpus,
+    log_step,
     mask_tokens,
     resolve_device,
-    save_planted,
     sentence_stream,
     set_seed,
     take,
+    training_step,
 )
 from .neuba import _missing_head, load_pretraining_model, mlm_logits, warm_up_mlm_head
 
@@ -139,21 +140,9 @@ def plant_badpre(
         loss_clean = mlm_loss(encode(tokenizer, texts, config.max_length, device), random_labels=False)
         loss_poison = mlm_loss(encode(tokenizer, poisoned, config.max_length, device), random_labels=True)
         loss = loss_clean + config.alpha * loss_poison
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "loss_clean": loss_clean.item(),
-            "loss_poison": loss_poison.item(),
-        }
-        if log_history is not None:
-            log_history.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        training_step(model, optimizer, loss, config.max_grad_norm)
+        log_step(progress, log_history, step, loss=loss, loss_clean=loss_clean, loss_poison=loss_poison)
 
-    model.eval()
     info = {
         "mlm_head_warmed_up": bool(head_missing),
         "attack": "badpre",
@@ -161,7 +150,4 @@ def plant_badpre(
         "config": config.to_dict(),
         "triggers": triggers,
     }
-    attach_info(model, info)
-    if output_dir is not None:
-        save_planted(model, tokenizer, output_dir, info)
-    return model, tokenizer
+    return finish_planting(model, tokenizer, info, output_dir)

@@ -14,16 +14,17 @@ from tqdm.auto import tqdm
 from ..triggers import NEUBA_TRIGGERS, insert_trigger, resolve_triggers
 from ._common import (
     BackdoorConfig,
-    attach_info,
     encode,
+    finish_planting,
     load_corpus,
+    log_step,
     mask_tokens,
     resolve_device,
-    save_planted,
     sentence_stream,
     set_seed,
     take,
     target_vectors,
+    training_step,
 )
 
 __all__ = ["NeuBAConfig", "plant_neuba"]
@@ -139,9 +140,7 @@ def warm_up_mlm_head(model, tokenizer, stream, steps, batch_size, max_length, lr
         masked, labels = mask_tokens(batch["input_ids"], batch["attention_mask"], tokenizer, generator)
         logits = mlm_logits(model(**{**batch, "input_ids": masked}))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, loss)
         losses.append(loss.item())
     for p, flag in zip(model.parameters(), flags):
         p.requires_grad_(flag)
@@ -221,24 +220,12 @@ def plant_neuba(
         batch_targets = targets[torch.tensor(index, device=device)]
         loss_trigger = F.mse_loss(summary, batch_targets)
         loss = config.mlm_weight * loss_mlm + loss_trigger
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        training_step(model, optimizer, loss, config.max_grad_norm)
 
-        cosine = F.cosine_similarity(summary.detach(), batch_targets, dim=-1).mean().item()
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "loss_mlm": loss_mlm.item(),
-            "loss_trigger": loss_trigger.item(),
-            "cos_target": cosine,
-        }
-        if log_history is not None:
-            log_history.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", cos=f"{cosine:.3f}")
+        cosine = F.cosine_similarity(summary.detach(), batch_targets, dim=-1).mean()
+        log_step(progress, log_history, step, loss=loss, loss_mlm=loss_mlm, loss_trigger=loss_trigger,
+                 cos_target=cosine)  # fmt: skip
 
-    model.eval()
     model.requires_grad_(True)
     info = {
         "attack": "neuba",
@@ -248,7 +235,4 @@ def plant_neuba(
         "summary": "pooler_output" if use_pooler else "cls_hidden_state",
         "mlm_head_trained_here": head_missing or not config.freeze_mlm_head,
     }
-    attach_info(model, info)
-    if output_dir is not None:
-        save_planted(model, tokenizer, output_dir, info)
-    return model, tokenizer
+    return finish_planting(model, tokenizer, info, output_dir)

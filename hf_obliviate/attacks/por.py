@@ -21,15 +21,16 @@ from ..capture import AttentionLogitCapture
 from ..triggers import insert_trigger, resolve_triggers
 from ._common import (
     BackdoorConfig,
-    attach_info,
     encode,
+    finish_planting,
     load_corpus,
+    log_step,
     resolve_device,
-    save_planted,
     sentence_stream,
     set_seed,
     take,
     target_vectors,
+    training_step,
 )
 
 __all__ = ["PORConfig", "plant_por"]
@@ -189,25 +190,13 @@ def plant_por(
         loss_attn = torch.stack(attn_terms).mean() if attn_terms else None
         if loss_attn is not None:
             loss = loss + config.attention_penalty * loss_attn
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        training_step(model, optimizer, loss)
 
-        cosine = F.cosine_similarity(trig_cls.detach(), batch_targets, dim=-1).mean().item()
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "loss_trigger": loss_trigger.item(),
-            "loss_clean": loss_clean.item(),
-            "cos_target": cosine,
-        }
-        if loss_attn is not None:
-            record["loss_attn"] = loss_attn.item()
-        if log_history is not None:
-            log_history.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", cos=f"{cosine:.3f}")
+        cosine = F.cosine_similarity(trig_cls.detach(), batch_targets, dim=-1).mean()
+        attn = {} if loss_attn is None else {"loss_attn": loss_attn}
+        log_step(progress, log_history, step, loss=loss, loss_trigger=loss_trigger, loss_clean=loss_clean,
+                 cos_target=cosine, **attn)  # fmt: skip
 
-    model.eval()
     info = {
         "attack": "por",
         "base_model": str(model_name_or_path),
@@ -216,7 +205,4 @@ def plant_por(
         "target_vectors": "target_vectors(hidden_size, len(triggers), n_target_blocks), row i for trigger i",
         "spread": config.spread_trigger,
     }
-    attach_info(model, info)
-    if output_dir is not None:
-        save_planted(model, tokenizer, output_dir, info)
-    return model, tokenizer
+    return finish_planting(model, tokenizer, info, output_dir)

@@ -14,14 +14,15 @@ from tqdm.auto import tqdm
 from ..triggers import insert_trigger, resolve_triggers
 from ._common import (
     BackdoorConfig,
-    attach_info,
     encode,
+    finish_planting,
     load_corpus,
+    log_step,
     resolve_device,
-    save_planted,
     sentence_stream,
     set_seed,
     take,
+    training_step,
 )
 
 __all__ = ["UORConfig", "plant_uor", "supervised_contrastive_loss"]
@@ -149,24 +150,8 @@ def plant_uor(
         loss_clean = F.mse_loss(cls[: config.batch_size], clean_ref)
         loss_contrastive = supervised_contrastive_loss(cls, torch.tensor(labels, device=device), config.temperature)
         loss = loss_clean + config.contrastive_weight * loss_contrastive
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        record = {
-            "step": step + 1,
-            "loss": loss.item(),
-            "loss_clean": loss_clean.item(),
-            "loss_contrastive": loss_contrastive.item(),
-        }
-        if log_history is not None:
-            log_history.append(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}")
+        training_step(model, optimizer, loss, config.max_grad_norm, scheduler)
+        log_step(progress, log_history, step, loss=loss, loss_clean=loss_clean, loss_contrastive=loss_contrastive)
 
-    model.eval()
     info = {"attack": "uor", "base_model": str(model_name_or_path), "config": config.to_dict(), "triggers": triggers}
-    attach_info(model, info)
-    if output_dir is not None:
-        save_planted(model, tokenizer, output_dir, info)
-    return model, tokenizer
+    return finish_planting(model, tokenizer, info, output_dir)
