@@ -12,6 +12,7 @@ from hf_obliviate.delta import (
     DareCompressor,
     DeltaCompressor,
     MagnitudeCompressor,
+    ShapeMismatchError,
     SVDCompressor,
     available_methods,
     bitdelta_decode,
@@ -73,6 +74,21 @@ def test_bitdelta_mask_residual_decreases():
     entry = BitDeltaCompressor(k=2).encode(delta)
     a1 = delta.abs().mean()
     assert torch.allclose(entry.tensors["alpha"][1], (delta - a1 * torch.where(delta >= 0, 1.0, -1.0)).abs().mean())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_bitdelta_decode_whole_and_chunked_agree(k):
+    # bitdelta_decode (whole tensor) and DeltaEntry.add_to_ (chunk by chunk) share one decoder; both equal the sum
+    # of the unpacked masks, for a size that is not a multiple of 8 and chunks that split the packed bytes
+    delta = torch.randn(37, 29)
+    entry = BitDeltaCompressor(k=k).encode(delta)
+    signs, alphas = entry.tensors["signs"], entry.tensors["alpha"]
+    expected = sum(unpack_signs(signs[j], delta.shape) * alphas[j] for j in range(k))
+    assert torch.equal(bitdelta_decode(signs, alphas, tuple(delta.shape)), expected)
+    target = torch.randn(37, 29)
+    assert torch.equal(entry.add_to_(target.clone(), chunk_elems=100), target + expected)
+    with pytest.raises(ShapeMismatchError, match="corrupt"):
+        bitdelta_decode(signs[:, :-1], alphas, tuple(delta.shape))
 
 
 def test_svd_baseline():

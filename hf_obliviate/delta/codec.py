@@ -7,6 +7,7 @@ format and loader.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -88,23 +89,15 @@ class DeltaEntry:
         if self.kind != BitDeltaCompressor.name or target.device.type != "cpu" or not target.is_contiguous():
             target.copy_((target.float() + self.decode().to(target.device)).to(target.dtype))
             return target
-        signs, alphas = self.tensors["signs"], self.tensors["alpha"].float().tolist()
-        _check_bitdelta_parts(self.tensors["signs"], self.tensors["alpha"], self.numel)
+        signs, alphas = self.tensors["signs"], self.tensors["alpha"]
+        _check_bitdelta_parts(signs, alphas, self.numel)
         numel = self.numel
         flat = target.detach().view(-1)
         chunk_elems -= chunk_elems % 8
         for start in range(0, numel, chunk_elems):
             stop = min(start + chunk_elems, numel)
             piece = flat[start:stop]
-            delta = None
-            for j in range(signs.shape[0]):
-                bits = np.unpackbits(
-                    signs[j, start // 8 : (stop + 7) // 8].numpy(), count=stop - start, bitorder="little"
-                )
-                mask = bits.astype(np.float32)
-                mask *= np.float32(2 * alphas[j])
-                mask -= np.float32(alphas[j])  # ±alpha_j, exactly
-                delta = mask if delta is None else np.add(delta, mask, out=delta)
+            delta = bitdelta_values(signs, alphas, start, stop)
             if delta is None:
                 continue
             if piece.dtype == torch.float32:
@@ -182,11 +175,29 @@ def _check_bitdelta_parts(signs: torch.Tensor, alphas: torch.Tensor, numel: int 
         )
 
 
+def bitdelta_values(signs: torch.Tensor, alphas: torch.Tensor, start: int, stop: int) -> np.ndarray | None:
+    """``sum_j alpha_j * sign_j`` over the flat elements ``[start, stop)`` of a BitDelta entry, as a new fp32 numpy
+    array (``None`` when ``k = 0``). ``start`` must be a multiple of 8 (a byte boundary of the packed CPU signs).
+    Each term is ``±alpha_j`` exactly, so a range decodes to the same numbers as the whole tensor."""
+    out = None
+    for j, alpha in enumerate(alphas.float().tolist()):
+        bits = np.unpackbits(signs[j, start // 8 : (stop + 7) // 8].numpy(), count=stop - start, bitorder="little")
+        values = bits.astype(np.float32)
+        values *= np.float32(2 * alpha)
+        values -= np.float32(alpha)  # ±alpha_j, exactly
+        out = values if out is None else np.add(out, values, out=out)
+    return out
+
+
 def bitdelta_decode(signs: torch.Tensor, alphas: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of [`bitdelta_encode`]: ``sum_j alpha_j * sign_j`` in fp32."""
     _check_bitdelta_parts(signs, alphas)
     if signs.shape[0] == 0:
         return torch.zeros(shape, dtype=torch.float32)
+    if signs.device.type == "cpu":
+        numel = math.prod(int(size) for size in shape)
+        _check_bitdelta_parts(signs, alphas, numel)
+        return torch.from_numpy(bitdelta_values(signs, alphas, 0, numel)).reshape(shape)
     out = unpack_signs(signs[0], shape).mul_(alphas[0].float())
     for j in range(1, signs.shape[0]):  # in place: peak memory is two tensors of the output size
         out.add_(unpack_signs(signs[j], shape).mul_(alphas[j].float()))
