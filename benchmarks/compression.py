@@ -180,9 +180,9 @@ def streaming_peak_rss(base: Path, ft: Path, out: Path) -> dict[str, Any]:
         "import hf_obliviate.cli, hf_obliviate.hub.cli\n"
         "from transformers import HfArgumentParser\n"
         "from hf_obliviate.delta.checkpoint import CheckpointReader\n"
-        "from hf_obliviate.delta.stream import _linear_set\n"
+        "from hf_obliviate.delta.stream import checkpoint_linear_names\n"
         "with CheckpointReader(sys.argv[1]) as reader:\n"
-        "    _linear_set(Path(sys.argv[1]), reader, None)\n"
+        "    checkpoint_linear_names(Path(sys.argv[1]), reader, None)\n"
     )
     detection = linear_detection(ft)
     setup_peak, _ = _child_peak_rss([sys.executable, "-c", setup, str(ft)])

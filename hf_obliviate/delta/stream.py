@@ -25,7 +25,14 @@ from .format import DELTA_CONFIG_NAME, Fingerprinter, ShapeMismatchError
 from .linear_names import linear_weight_names_by_name
 from .writer import ShardWriter, build_metadata, size_report, summarize_errors, write_json_atomic
 
-__all__ = ["CHUNK_ELEMS", "BitDeltaStats", "align_names", "compress_checkpoints", "encode_chunk_pairs"]
+__all__ = [
+    "CHUNK_ELEMS",
+    "BitDeltaStats",
+    "align_names",
+    "checkpoint_linear_names",
+    "compress_checkpoints",
+    "encode_chunk_pairs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -266,9 +273,13 @@ def _fed(chunks: Iterable, fingerprint: Fingerprinter) -> Iterator:
         yield chunk
 
 
-def _linear_set(ft_dir: Path, ft_reader: CheckpointReader, linear_names: Iterable[str] | None) -> set[str] | None:
-    """The fine-tuned checkpoint's ``nn.Linear`` weights: given; by name for a verified architecture (no torch); else
-    by type, building the architecture on the meta device (imports torch and transformers)."""
+def checkpoint_linear_names(
+    ft_dir: Path, ft_reader: CheckpointReader, linear_names: Iterable[str] | None = None
+) -> set[str] | None:
+    """The ``nn.Linear`` weights of the checkpoint in ``ft_dir`` (read through ``ft_reader``), as the streaming
+    compressor finds them: ``linear_names`` when given; by name for a verified architecture (no torch, see
+    `linear_weight_names_by_name`); else by type, building the architecture on the meta device (imports torch and
+    transformers). ``None`` when the architecture is unknown (2-D ``*.weight`` tensors are then treated as Linear)."""
     if linear_names is not None:
         return set(linear_names)
     shapes = {name: ft_reader.shape(name) for name in ft_reader.names()}
@@ -344,7 +355,7 @@ def compress_checkpoints(
     # the shard headers carry the method; the fingerprint is only known after the pass and lives in the json
     writer = ShardWriter(output_dir, max_shard_size, header={"method": method})
     with CheckpointReader(base_dir) as base_reader, CheckpointReader(ft_dir) as ft_reader:
-        linear = _linear_set(ft_dir, ft_reader, linear_names)
+        linear = checkpoint_linear_names(ft_dir, ft_reader, linear_names)
         archs = (ft_reader.config() or {}).get("architectures") or []
         ft_to_base = align_names(base_reader.names(), ft_reader.names())
         base_to_ft = {b: f for f, b in ft_to_base.items()}
