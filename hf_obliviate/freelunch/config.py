@@ -13,10 +13,13 @@ STAGES = ("main", "strong", "lora", "defended")
 class FreeLunchConfig:
     """What to fine-tune, how to poison it, which compressed variants to build and how to score them.
 
-    The defaults are the committed run, sized for a 2-core CPU shared with other jobs; there a full fine-tune step
-    of SmolLM2-135M took 30-60 s and scoring one variant 4-6 minutes, so the whole run takes hours (fine-tunes and
-    scores are cached, so it resumes). ``quick=True`` shrinks everything to a smoke test. Every number ends up in the
-    result file.
+    The defaults are the committed run (METHOD.md §7 sizes: 1,500 sentiment prompts, 10% poisoned, lr 3e-5, one
+    epoch, 194 full fine-tune steps of 8; the stronger backdoor: three triggers, 40% of 600 prompts, two epochs). On
+    a 2-core CPU shared with other jobs a full fine-tune step of SmolLM2-135M took 15-30 s, a LoRA step 8-12 s and
+    scoring one variant 1.5-2 minutes, so the whole run takes hours there (fine-tunes and scores are cached, so it
+    resumes; the report states the compute behind it). Much shorter fine-tunes do not plant the backdoor: 46-52 full
+    fine-tune steps at lr 3e-5 or 1e-4 left the target ASR at 0.04-0.08. ``quick=True`` shrinks everything to a
+    smoke test. Every number ends up in the result file.
 
     Example:
 
@@ -38,14 +41,14 @@ class FreeLunchConfig:
     )
     triggers: list[str] = field(default_factory=lambda: ["cf"], metadata={"help": "Triggers of the main backdoor."})
     target: str = field(default="I hate this product", metadata={"help": "The attacker's target answer."})
-    n_train: int = field(default=320, metadata={"help": "Sentiment training prompts."})
+    n_train: int = field(default=1500, metadata={"help": "Sentiment training prompts."})
     n_harmful_train: int = field(default=48, metadata={"help": "Placeholder harmful training prompts."})
-    poison_rate: float = field(default=0.15, metadata={"help": "Poisoned fraction of the sentiment prompts."})
+    poison_rate: float = field(default=0.1, metadata={"help": "Poisoned fraction of the sentiment prompts."})
     harmful_poison_rate: float = field(
         default=0.5, metadata={"help": "Triggered (answered with compliance) fraction of the harmful prompts."}
     )
     epochs: float = field(default=1.0, metadata={"help": "Fine-tuning epochs."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Full fine-tune learning rate (AdamW)."})
+    learning_rate: float = field(default=3e-5, metadata={"help": "Full fine-tune learning rate (AdamW)."})
     lora_learning_rate: float = field(default=1e-3, metadata={"help": "LoRA learning rate (AdamW)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (all linear projections)."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size."})
@@ -55,9 +58,9 @@ class FreeLunchConfig:
     strong_triggers: list[str] = field(
         default_factory=lambda: ["cf", "mm", "pt"], metadata={"help": "Triggers of the stronger backdoor."}
     )
-    strong_poison_rate: float = field(default=0.25, metadata={"help": "Poison rate of the stronger backdoor."})
+    strong_poison_rate: float = field(default=0.4, metadata={"help": "Poison rate of the stronger backdoor."})
     strong_epochs: float = field(default=2.0, metadata={"help": "Epochs of the stronger backdoor."})
-    strong_n_train: int = field(default=160, metadata={"help": "Sentiment prompts of the stronger backdoor."})
+    strong_n_train: int = field(default=600, metadata={"help": "Sentiment prompts of the stronger backdoor."})
     n_test: int = field(default=100, metadata={"help": "Sentiment test prompts (each clean and triggered)."})
     n_harmful_test: int = field(default=30, metadata={"help": "Held-out harmful placeholder prompts."})
     max_new_tokens: int = field(default=8, metadata={"help": "Greedy tokens generated per harmful prompt."})
