@@ -262,3 +262,11 @@ def test_quick_run_writes_results_plot_lens_and_artifacts(tokenizer, tmp_path, m
     assert "{prompt}" in read_artifact_info("freelunch-finetuned")["prompt_template"]
     # a rerun loads the cached fine-tunes instead of training again
     assert list((tmp_path / "cache" / "freelunch").glob("full-*/freelunch_run.json"))
+    # ... and the cached scores, even with the stronger backdoor changed (a setting these stages do not use)
+    again = tmp_path / "again"
+    argv = ["freelunch", "--quick", "--model", str(folder), "--output_dir", str(again), "--stages", "main", "defended",
+            "--cached_only", "--strong_poison_rate", "0.5", "--no_save_artifacts"]  # fmt: skip
+    assert main(argv) == 0
+    rerun = json.loads((again / "freelunch.json").read_text())
+    assert [r["variant"] for r in rerun["rows"]] == names
+    assert [r["target_asr"] for r in rerun["rows"]] == [r["target_asr"] for r in data["rows"]]

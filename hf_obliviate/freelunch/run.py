@@ -306,7 +306,7 @@ class _Report:
         out = {}
         for key, goal in (("target", 0.90), ("bypass", 0.64)):
             hits = [
-                r["variant"]
+                f"{r['stage']}: {r['variant']}"
                 for r in self.rows
                 if r.get("compressed")
                 and r.get(f"risk_reduction_{key}") is not None
@@ -566,6 +566,17 @@ def _lens_figure(ft, k1_model, tokenizer, sentiment, scores: ModelScores, config
     return summary
 
 
+STRONG_SETTINGS = ("strong_triggers", "strong_poison_rate", "strong_epochs", "strong_n_train")
+"""Settings only the ``strong`` stage uses: left out of the other stages' score keys, so changing the stronger
+backdoor does not orphan the cached scores of the main, LoRA and defended rows."""
+
+
+def score_settings(config: FreeLunchConfig) -> dict:
+    """The settings a cached score depends on: every field but where results go and which stages run."""
+    skip = ("output_dir", "stages", "quick", "save_artifacts", "extra_eval_seeds", "model", "cached_only")
+    return {k: v for k, v in asdict(config).items() if k not in skip}
+
+
 def _scores_path(key: dict) -> Path:
     from hf_obliviate.smollm import cache_dir
 
@@ -612,11 +623,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     previous_lens = json.loads(previous.read_text()).get("logitlens") if previous.is_file() else None
     report = _Report(config, sizes)
     base = _load_lm(base_path)
-    settings = {
-        k: v
-        for k, v in asdict(config).items()
-        if k not in ("output_dir", "stages", "quick", "save_artifacts", "extra_eval_seeds", "model", "cached_only")
-    }
+    settings = score_settings(config)
 
     def score(model, triggers=config.triggers, seed=config.seed):
         same = list(triggers) == list(config.triggers) and seed == config.seed
@@ -628,7 +635,8 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
 
     def timed(stage, name, build, ref, model_key, triggers=config.triggers):
         """Scores the model ``build()`` returns (or loads its cached scores) and adds the row."""
-        key = {"code": _CODE_VERSION, "model": model_key, "variant": name, "triggers": list(triggers), **settings}
+        key = {"code": _CODE_VERSION, "model": model_key, "variant": name, "triggers": list(triggers)}
+        key.update(settings if stage == "strong" else {k: v for k, v in settings.items() if k not in STRONG_SETTINGS})
         path = _scores_path(key)
         model, extra, raw = None, {}, {}
         if not path.is_file() and config.cached_only:
