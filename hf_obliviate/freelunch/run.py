@@ -571,9 +571,12 @@ STRONG_SETTINGS = ("strong_triggers", "strong_poison_rate", "strong_epochs", "st
 backdoor does not orphan the cached scores of the main, LoRA and defended rows."""
 
 
-def score_settings(config: FreeLunchConfig) -> dict:
-    """The settings a cached score depends on: every field but where results go and which stages run."""
+def score_settings(config: FreeLunchConfig, stage: str) -> dict:
+    """The settings a cached score of ``stage`` depends on: every field but where results go and which stages run,
+    and outside the ``strong`` stage none of [`STRONG_SETTINGS`]."""
     skip = ("output_dir", "stages", "quick", "save_artifacts", "extra_eval_seeds", "model", "cached_only")
+    if stage != "strong":
+        skip += STRONG_SETTINGS
     return {k: v for k, v in asdict(config).items() if k not in skip}
 
 
@@ -623,7 +626,6 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     previous_lens = json.loads(previous.read_text()).get("logitlens") if previous.is_file() else None
     report = _Report(config, sizes)
     base = _load_lm(base_path)
-    settings = score_settings(config)
 
     def score(model, triggers=config.triggers, seed=config.seed):
         same = list(triggers) == list(config.triggers) and seed == config.seed
@@ -636,7 +638,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     def timed(stage, name, build, ref, model_key, triggers=config.triggers):
         """Scores the model ``build()`` returns (or loads its cached scores) and adds the row."""
         key = {"code": _CODE_VERSION, "model": model_key, "variant": name, "triggers": list(triggers)}
-        key.update(settings if stage == "strong" else {k: v for k, v in settings.items() if k not in STRONG_SETTINGS})
+        key.update(score_settings(config, stage))
         path = _scores_path(key)
         model, extra, raw = None, {}, {}
         if not path.is_file() and config.cached_only:
