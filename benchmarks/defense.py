@@ -37,6 +37,8 @@ PEFTS = ("lora", "prefix", "adapter")
 # reached 0.63 (0.64 after 2 epochs); a trainable pooler did not help at 1e-2 or 3e-3.
 LEARNING_RATES = {"lora": 1e-3, "prefix": 1e-3, "adapter": 1e-3}
 GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (0.0, 3e-2))
+# The centred row's norm is smaller than the raw row's, so its grid reaches higher coefficients.
+CENTRED_GRID = ((3e-4, 3e-3), (3e-4, 1e-2), (3e-4, 3e-2))
 
 
 @dataclass
@@ -61,11 +63,12 @@ class Sizes:
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
     grid: tuple[tuple[float, float], ...] = GRID
+    centred_grid: tuple[tuple[float, float], ...] = CENTRED_GRID
 
 
 QUICK = Sizes(
     train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, seeds=(0,),
-    pefts=("lora",), grid=((3e-4, 3e-3),),
+    pefts=("lora",), grid=((3e-4, 3e-3),), centred_grid=((3e-4, 3e-3),),
 )  # fmt: skip
 
 
@@ -88,7 +91,12 @@ class Cell:
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
-VARIANTS = {"reference": {}, "skip-virtual-keys": {"attn_virtual_keys": "skip"}}
+VARIANTS = {
+    "reference": {"attn_centre": False},  # METHOD.md §1: the raw logit row's norm
+    "skip-virtual-keys": {"attn_centre": False, "attn_virtual_keys": "skip"},  # prefix tuning only
+    "centred": {"attn_centre": True},  # LoRA / adapters: penalise the centred logit row (softmax ignores its mean)
+}
+PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
 
 def _device() -> torch.device:
@@ -271,13 +279,36 @@ def pick_prefix_variant(tuning: list[dict], lambdas: tuple[float, float]) -> str
     return best["variant"] if best is not None else "reference"
 
 
+def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple[str, tuple[float, float]]:
+    """The LoRA / adapter recipe: [`_best_trial`] over every LoRA validation run (the reference grid and the
+    `centred` grid); the reference at ``lambdas`` unless a variant wins."""
+    lora = [c for c in tuning if c["peft"] == "lora"]
+    if not any(c["defended"] and c.get("variant", "reference") != "reference" for c in lora):
+        return "reference", tuple(lambdas)
+    best, _ = _best_trial(lora)
+    if best is None or best.get("variant", "reference") == "reference":
+        return "reference", tuple(lambdas)
+    return best["variant"], (best["lambda_amp"], best["lambda_attn"])
+
+
+def choose_lora_variant(
+    journal: Journal, por_path: Path, sizes: Sizes, lambdas: tuple[float, float], tuning: list[dict]
+) -> tuple[str, tuple[float, float], list[dict]]:
+    """LoRA, validation split, POR, seed 0: the `centred` variant on its own coefficient grid, against the reference
+    runs of the coefficient search (``tuning``)."""
+    runs = [journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=True, lambdas=lam,
+                        sizes=sizes, split="validation", variant="centred") for lam in sizes.centred_grid]  # fmt: skip
+    variant, chosen = pick_lora_variant(tuning + runs, lambdas)
+    return variant, chosen, runs
+
+
 def choose_prefix_variant(
     journal: Journal, por_path: Path, sizes: Sizes, lambdas: tuple[float, float]
 ) -> tuple[str, list[dict]]:
     """Prefix tuning, validation split, POR, seed 0: undefended, then every named variant at the chosen λ."""
     runs = [journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=False,
                         lambdas=(0.0, 0.0), sizes=sizes, split="validation")]  # fmt: skip
-    for variant in VARIANTS:
+    for variant in PREFIX_VARIANTS:
         runs.append(journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=True,
                                 lambdas=lambdas, sizes=sizes, split="validation", variant=variant))  # fmt: skip
     return pick_prefix_variant(runs, lambdas), runs
@@ -327,13 +358,17 @@ def summarise(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def planned_cells(sizes: Sizes) -> int:
-    """Fine-tunes a full run makes: the coefficient search (and the prefix-tuning variant's), then per seed every
-    encoder × PEFT type plus the task-specific and adaptive rows, each undefended and defended (prefix tuning
-    defended once per named variant)."""
-    variants = len(VARIANTS) - 1 if "prefix" in sizes.pefts else 0
-    per_seed = (1 + len(sizes.attacks)) * (len(sizes.pefts) * 2 + variants) + 4
-    search = len(sizes.grid) + 1 + (1 + len(VARIANTS) if "prefix" in sizes.pefts else 0)
+def planned_cells(sizes: Sizes, prefix_variant: str = "reference", lora_variant: str = "reference") -> int:
+    """Fine-tunes a full run makes: the coefficient search (and the LoRA and prefix-tuning variants'), then per seed
+    every encoder × PEFT type plus the task-specific and adaptive rows, each undefended and defended with the
+    reference recipe and, where one won on validation, the chosen variant."""
+    variants = int("prefix" in sizes.pefts and prefix_variant != "reference")
+    variants += sum(p != "prefix" for p in sizes.pefts) if lora_variant != "reference" else 0
+    lora = "lora" in sizes.pefts and lora_variant != "reference"
+    per_seed = (1 + len(sizes.attacks)) * (len(sizes.pefts) * 2 + variants) + 4 + 2 * lora
+    search = (
+        len(sizes.grid) + len(sizes.centred_grid) + 1 + (1 + len(PREFIX_VARIANTS) if "prefix" in sizes.pefts else 0)
+    )
     return search + len(sizes.seeds) * per_seed
 
 
@@ -355,11 +390,12 @@ def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
 
 def write(
     out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float, *,
-    prefix_variant: str = "reference", cells_done: int | None = None,
+    prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None,
+    cells_done: int | None = None,
 ) -> None:  # fmt: skip
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
-    # the defaults: the reference recipe, with the prefix-tuning variant chosen on the validation split
-    default = [r for r in attack_rows if r["variant"] == (prefix_variant if r["peft"] == "prefix" else "reference")]
+    # the defaults: the recipes chosen on the validation split (LoRA's also for adapters)
+    default = [r for r in attack_rows if r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)]
     mean, counted = _mean_reduction(default)
     mean_reference, counted_reference = _mean_reduction([r for r in attack_rows if r["variant"] == "reference"])
     summary = {
@@ -371,9 +407,22 @@ def write(
         "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
         "prefix_variant": prefix_variant,
+        "lora_variant": lora_variant,
+        "lora_variant_lambdas": list(lora_lambdas or lambdas),
+        "max_cacc_drop_points_defaults": round(
+            max(
+                (
+                    -r["cacc_delta_points"]
+                    for r in rows
+                    if r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)
+                ),
+                default=0.0,
+            ),
+            2,
+        ),
     }
     done = cells_done if cells_done is not None else sum(r["seeds"] * 2 for r in rows) + len(tuning)
-    summary["cells_done"], summary["cells_planned"] = done, planned_cells(sizes)
+    summary["cells_done"], summary["cells_planned"] = done, planned_cells(sizes, prefix_variant, lora_variant)
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -431,8 +480,9 @@ def write(
         ]
     lines += [
         "",
-        f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults: the reference recipe, "
-        f"prefix tuning with the `{prefix_variant}` recipe chosen on the validation split): "
+        f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults, chosen on the validation "
+        f"split: LoRA and adapters with the `{lora_variant}` recipe (λ_amp = {(lora_lambdas or lambdas)[0]:g}, "
+        f"λ_attn = {(lora_lambdas or lambdas)[1]:g}), prefix tuning with the `{prefix_variant}` recipe): "
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
         f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
         f"chance ({summary['rows_without_a_seed_above_chance']} rows have none: a model at chance shows no backdoor "
@@ -440,9 +490,10 @@ def write(
         f"reference recipe everywhere: "
         f"{100 * (summary['mean_asr_reduction_reference_recipe'] or float('nan')):.1f}% over "
         f"{summary['cells_in_reference_mean']} rows. Largest clean-accuracy drop: "
-        f"{summary['max_cacc_drop_points']:.1f} points.",
+        f"{summary['max_cacc_drop_points']:.1f} points ({summary['max_cacc_drop_points_defaults']:.1f} with the "
+        "defaults).",
         "",
-        "## Validation split (POR, seed 0): coefficients on LoRA, then the prefix-tuning recipe",
+        "## Validation split (POR, seed 0): coefficients on LoRA, the LoRA variant, then the prefix-tuning recipe",
         "",
         "| PEFT | recipe | λ_amp | λ_attn | val CACC | val ASR |",
         "|---|---|---|---|---|---|",
@@ -536,8 +587,10 @@ def main() -> None:
         tuning = [c for c in cells if c["split"] == "validation"]
         lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
         wall = sum(c["seconds"] for c in cells)
+        lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
         write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
-              prefix_variant=pick_prefix_variant(tuning, lambdas), cells_done=len(cells))  # fmt: skip
+              prefix_variant=pick_prefix_variant(tuning, lambdas), lora_variant=lora_variant,
+              lora_lambdas=lora_lambdas, cells_done=len(cells))  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has
@@ -554,11 +607,25 @@ def main() -> None:
     else:
         lambdas, tuning = choose_lambdas(journal, encoder_path("por"), sizes)
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
+    lora_variant, lora_lambdas = "reference", lambdas
+    if "lora" in sizes.pefts and not args.lambdas:
+        lora_variant, lora_lambdas, lora_tuning = choose_lora_variant(
+            journal, encoder_path("por"), sizes, lambdas, tuning
+        )
+        tuning += lora_tuning
+        print(f"LoRA / adapter recipe: {lora_variant} at λ={lora_lambdas}", flush=True)
     prefix_variant = "reference"
     if "prefix" in sizes.pefts and not args.lambdas:
         prefix_variant, prefix_tuning = choose_prefix_variant(journal, encoder_path("por"), sizes, lambdas)
         tuning += prefix_tuning
         print(f"prefix tuning recipe: {prefix_variant}", flush=True)
+
+    def recipes(peft: str) -> list[tuple[str, tuple[float, float]]]:
+        """The defended runs of a cell: the reference recipe and, when one won on the validation split, the variant
+        chosen for the PEFT type (prefix tuning's own; LoRA's also for adapters). Both stay in the table."""
+        chosen = (prefix_variant, lambdas) if peft == "prefix" else (lora_variant, lora_lambdas)
+        return [("reference", lambdas)] + ([chosen] if chosen[0] != "reference" else [])
+
     first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
     encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
     wanted = set(args.encoders or (*encoders, "task-specific", "adaptive-por"))
@@ -568,21 +635,23 @@ def main() -> None:
             for peft in sizes.pefts:
                 journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=False,
                             lambdas=lambdas, sizes=sizes)  # fmt: skip
-                for variant in VARIANTS if peft == "prefix" else ("reference",):  # others have no virtual keys
+                for variant, lam in recipes(peft):
                     journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=True,
-                                lambdas=lambdas, sizes=sizes, variant=variant)  # fmt: skip
+                                lambdas=lam, sizes=sizes, variant=variant)  # fmt: skip
         for defended in (False, True):
-            if "task-specific" in wanted:
-                journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed, defended=defended,
-                            lambdas=lambdas, sizes=sizes, poison={"rate": 0.1, "target": 1})  # fmt: skip
-            if "adaptive-por" in wanted:
-                journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora",
-                            seed=seed, defended=defended, lambdas=lambdas, sizes=sizes)  # fmt: skip
+            for variant, lam in recipes("lora") if defended else [("reference", lambdas)]:
+                if "task-specific" in wanted:
+                    journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed,
+                                defended=defended, lambdas=lam, sizes=sizes, poison={"rate": 0.1, "target": 1},
+                                variant=variant)  # fmt: skip
+                if "adaptive-por" in wanted:
+                    journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora",
+                                seed=seed, defended=defended, lambdas=lam, sizes=sizes, variant=variant)  # fmt: skip
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
     write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start, prefix_variant=prefix_variant,
-          cells_done=len(journal.cells))  # fmt: skip
+          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells_done=len(journal.cells))  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 
 

@@ -215,6 +215,7 @@ class _Pending:
     rows: torch.Tensor
     scaling: float
     keep_logits: bool
+    centred: bool = False  # subtract the row's mean over its counted keys before the norm
 
 
 class CaptureRecord:
@@ -226,7 +227,8 @@ class CaptureRecord:
     models are launch-bound.
     """
 
-    def __init__(self):
+    def __init__(self, centre: bool | None = False):
+        self.centre = centre
         self._pending: list[_Pending] = []
         self._layers: list[LayerCapture] = []
         self._loss: torch.Tensor | None = None
@@ -238,7 +240,8 @@ class CaptureRecord:
 
     def loss(self) -> torch.Tensor:
         """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` (METHOD.md §1); with several rows q* per
-        example (completion tokens) their norms are averaged per example first."""
+        example (completion tokens) their norms are averaged per example first. With ``centre=True`` each row's mean
+        over its counted keys is subtracted first."""
         self._finalize()
         if not self._layers:
             raise AttentionCaptureError(
@@ -257,7 +260,8 @@ class CaptureRecord:
         groups: dict[tuple, list[int]] = {}
         for i, item in enumerate(pending):
             key = (
-                tuple(item.raw.shape), item.raw.dtype, item.raw.device, id(item.masks), id(item.row_valid), item.fused
+                tuple(item.raw.shape), item.raw.dtype, item.raw.device, id(item.masks), id(item.row_valid), item.fused,
+                item.centred,
             )  # fmt: skip
             groups.setdefault(key, []).append(i)
         norms: list[torch.Tensor | None] = [None] * len(pending)
@@ -270,6 +274,14 @@ class CaptureRecord:
                 values = torch.stack([pending[i].raw for i in idx]).float()  # (layers, batch, heads, rows, keys)
                 if first.masks is not None:
                     values = values.masked_fill(first.masks[1][None], 0.0)  # select, never multiply by -inf
+                if first.centred:
+                    # softmax ignores a row's mean: penalise only the spread (the mean over the counted keys).
+                    if first.masks is None:
+                        values = values - values.mean(dim=-1, keepdim=True)
+                    else:
+                        counted = (~first.masks[1][None]).to(values.dtype)
+                        mean = values.sum(dim=-1, keepdim=True) / counted.sum(dim=-1, keepdim=True).clamp_min(1.0)
+                        values = (values - mean) * counted
                 row_norms = torch.linalg.vector_norm(values, ord=2, dim=-1)  # gradient 0 (not NaN) at 0
             if first.row_valid is None:
                 per_layer = row_norms.mean(dim=(1, 2, 3))
@@ -485,12 +497,22 @@ class _Session:
         # Many rows (completion tokens): reduce each chunk of rows to norms now; else keep the few rows' logits and
         # mask / reduce all layers at once in `CaptureRecord._finalize`.
         fused = rows.shape[1] > 1 and not self.keep_logits
+        if self.record.centre is True and rows.shape[1] > 1:
+            raise AttentionCaptureError(
+                "Centred attention logits (attn_centre=True) are supported for one summary row per example (encoders, "
+                "sequence classification), not for many query rows such as SFT completion tokens: set "
+                "attn_centre=False."
+            )
         if fused:
             plan = self.chunk_plan(module, rows, heads, q_len, kv_len)
             raw = _RowNorms.apply(query, key, rows, None if masks is None else masks[1], plan)
         else:
             raw = _RowLogits.apply(query, key, rows, uniform)
-        self.record._pending.append(_Pending(raw, fused, masks, row_valid, rows, float(scaling), self.keep_logits))
+        # centre=None ("auto"): centred where the penalised query is one summary row per example
+        centred = self.record.centre is True or (self.record.centre is None and rows.shape[1] == 1)
+        self.record._pending.append(
+            _Pending(raw, fused, masks, row_valid, rows, float(scaling), self.keep_logits, centred)
+        )
 
 
 _KERNELS: dict[tuple[str | None, type], object] = {}
@@ -595,6 +617,13 @@ class AttentionLogitCapture:
             Offset of the `"first"` row, for tuners that prepend virtual tokens to the input (prompt tuning).
         keep_logits (`bool`, *optional*, defaults to `False`):
             Also keep detached logits, key masks and rows on each :class:`LayerCapture` (for inspection).
+        virtual_keys (`str`, *optional*, defaults to `"count"`):
+            Prefix tuning's virtual keys in the norm: `"count"` or `"skip"`.
+        centre (`bool`, *optional*, defaults to `False`):
+            Subtract each row's mean over its counted keys before the norm (`‖S − mean S‖₂`): softmax ignores the
+            mean, so only the spread that moves attention is penalised. One summary row per example only (`True`
+            with many rows, e.g. SFT completion tokens, raises); `None` centres where there is one row per example
+            and keeps the raw norm elsewhere.
 
     Example:
     ```python
@@ -618,12 +647,16 @@ class AttentionLogitCapture:
         query_offset: int = 0,
         keep_logits: bool = False,
         virtual_keys: str = "count",
+        centre: bool | None = False,
     ):
         if query not in QUERY_MODES:
             raise ValueError(f"Unknown query mode {query!r}: choose one of {', '.join(QUERY_MODES)}.")
         if virtual_keys not in VIRTUAL_KEY_MODES:
             raise ValueError(f"Unknown virtual_keys {virtual_keys!r}: choose one of {', '.join(VIRTUAL_KEY_MODES)}.")
         self.virtual_keys = virtual_keys
+        if centre not in (True, False, None):
+            raise ValueError(f"centre must be True, False or None (auto), got {centre!r}.")
+        self.centre = centre
         self.model = model
         self.query = query
         self.query_offset = query_offset
@@ -670,7 +703,7 @@ class AttentionLogitCapture:
         """
         if segment_ids is None and position_ids is not None:
             segment_ids = segments_from_position_ids(position_ids)
-        record = CaptureRecord()
+        record = CaptureRecord(centre=self.centre)
         session = _Session(
             record,
             self.query,

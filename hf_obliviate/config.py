@@ -40,6 +40,12 @@ class ObliviateConfig:
             Prefix tuning's virtual keys in the penalised row norm: `"count"` (METHOD.md §1, the reference recipe)
             or `"skip"` (the named variant for prefix tuning: the prefix keys are its only lever on the model, and
             penalising them collapsed it to chance in `benchmarks/defense.py`). Other PEFT types have no virtual keys.
+        attn_centre (`bool`, *optional*):
+            Penalise the *centred* logit row ``‖S − mean S‖₂`` (the named variant `centred`): softmax ignores a
+            row's mean, so the reference norm (`False`, METHOD.md §1) also spends its pull on a shift that changes no
+            attention weight. `None` (default): centred where the penalised query is one summary row per example
+            (encoders, sequence classification: it won on the validation split of `benchmarks/defense.py`), the
+            reference norm for SFT completion rows. `True` with completion rows raises.
         peft_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
             0.01 in its defense runs; it is off by default here.
@@ -73,6 +79,13 @@ class ObliviateConfig:
         default="count",
         metadata={"help": "Prefix tuning's virtual keys in the attention penalty: count (reference) or skip."},
     )
+    attn_centre: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Penalise the centred logit row ||S - mean S|| (softmax ignores the mean). Default (None): "
+            "centred for one summary row per example (encoders), the reference norm for SFT completion rows."
+        },
+    )
     peft_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}
     )
@@ -104,6 +117,8 @@ class ObliviateConfig:
             )
         if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
             raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
+        if self.attn_centre not in (True, False, None):
+            raise ValueError(f"attn_centre must be True, False or None (auto), got {self.attn_centre!r}.")
         if not 0.0 <= self.peft_dropout < 1.0:
             raise ValueError(f"peft_dropout must be in [0, 1), got {self.peft_dropout!r}.")
 

@@ -100,6 +100,7 @@ class ObliviateDefense:
                 query=self.config.attn_query,
                 query_offset=_query_offset(model),
                 virtual_keys=self.config.attn_virtual_keys,
+                centre=self.config.attn_centre,
             )
         self._hooks: list = []
         if self.config.peft_dropout > 0:

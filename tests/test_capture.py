@@ -117,6 +117,73 @@ def test_prefix_keys_skipped_with_virtual_keys_skip(with_mask):
         AttentionLogitCapture(model, virtual_keys="drop")
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_centred_rows_subtract_the_mean_over_counted_keys(family, with_mask):
+    """``centre=True`` (the `centred` variant): the norm of each summary row minus its mean over the counted keys,
+    padded (and, causally, future) keys still left out; gradients stay finite."""
+    model = tiny_peft_model(family, "lora")
+    batch = tiny_batch(family=family)
+    if not with_mask:
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    norms = {}
+    for centre in (False, True):
+        capture = AttentionLogitCapture(model, keep_logits=True, centre=centre)
+        with capture.record(attention_mask=batch["attention_mask"] if with_mask else None) as record:
+            model(**batch)
+        for layer in record.layers:
+            counted = layer.key_mask[:, None, :, :].expand_as(layer.logits)
+            values = layer.logits.masked_fill(~counted, 0.0)
+            if centre:
+                mean = values.sum(-1, keepdim=True) / counted.sum(-1, keepdim=True)
+                values = (values - mean).masked_fill(~counted, 0.0)
+            torch.testing.assert_close(layer.norm, values.norm(dim=-1).mean(), rtol=1e-4, atol=1e-5)
+        norms[centre] = record.loss()
+    assert norms[True] < norms[False]  # the mean carries part of the reference norm
+    norms[True].backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_auto_centres_summary_rows_only():
+    """``centre=None`` (the library default through ``ObliviateConfig.attn_centre``): a summary row is centred, many
+    completion rows keep the reference norm."""
+    model = tiny_model("llama").eval()
+    batch = tiny_batch(family="llama")
+    batch.pop("labels")
+    query_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    query_mask[:, 1:4] = True
+    losses = {}
+    for centre in (None, True, False):
+        for query in ("last", "rows"):
+            if centre is True and query == "rows":
+                continue
+            capture = AttentionLogitCapture(model, query=query, centre=centre)
+            with capture.record(attention_mask=batch["attention_mask"], query_mask=query_mask) as record:
+                model(**batch)
+            losses[centre, query] = record.loss()
+    torch.testing.assert_close(losses[None, "last"], losses[True, "last"])
+    torch.testing.assert_close(losses[None, "rows"], losses[False, "rows"])
+    assert losses[True, "last"] < losses[False, "last"]
+    with pytest.raises(ValueError, match="True, False or None"):
+        AttentionLogitCapture(model, centre="yes")
+    from hf_obliviate import ObliviateConfig
+
+    assert ObliviateConfig().attn_centre is None
+    with pytest.raises(ValueError, match="True, False or None"):
+        ObliviateConfig(attn_centre="auto")
+
+
+def test_centred_rows_are_refused_for_many_query_rows():
+    model = tiny_model("llama").eval()
+    batch = tiny_batch(family="llama")
+    query_mask = torch.ones_like(batch["attention_mask"], dtype=torch.bool)
+    capture = AttentionLogitCapture(model, query="rows", centre=True)
+    with pytest.raises(AttentionCaptureError, match="attn_centre=False"):
+        with capture.record(attention_mask=batch["attention_mask"], query_mask=query_mask):
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
 def test_gradients_flow_and_are_finite_with_padding():
     model = tiny_peft_model("llama", "lora", attn_implementation="eager")
     batch = tiny_batch(family="llama")

@@ -114,3 +114,37 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
     assert data["summary"]["cells_done"] == 14
     assert "| por | prefix (skip-virtual-keys) |" in out.with_suffix(".md").read_text()
+
+
+def test_lora_variant_is_chosen_on_validation_and_the_mean_uses_it(tmp_path):
+    """The `centred` recipe becomes the LoRA / adapter default only when it wins on the validation split (lower ASR,
+    CACC within 1.5 points of the undefended run), at its own coefficients; the reference rows stay in the table."""
+    defense = _defense_module()
+    assert defense.VARIANTS["centred"] == {"attn_centre": True}
+    val = [
+        _cell("lora", False, 0.745, 0.9, "validation"), _cell("lora", True, 0.745, 0.34, "validation"),
+        {**_cell("lora", True, 0.73, 0.25, "validation", variant="centred")},
+        {**_cell("lora", True, 0.69, 0.14, "validation", variant="centred"), "lambda_attn": 1e-2},  # too costly
+    ]  # fmt: skip
+    lambdas = defense.pick_lambdas(val)
+    assert lambdas == (3e-4, 3e-3)  # the reference coefficients are chosen among reference runs only
+    assert defense.pick_lora_variant(val, lambdas) == ("centred", (3e-4, 3e-3))
+    assert defense.pick_lora_variant(val[:2], lambdas) == ("reference", lambdas)  # never tried
+    worse = [*val[:2], {**val[2], "asr": 0.4}, val[3]]
+    assert defense.pick_lora_variant(worse, lambdas) == ("reference", lambdas)
+    test = [
+        _cell("lora", False, 0.72, 1.0), _cell("lora", True, 0.70, 0.6),
+        _cell("lora", True, 0.71, 0.2, variant="centred"),
+        _cell("adapter", False, 0.72, 1.0), _cell("adapter", True, 0.72, 0.9),
+        _cell("adapter", True, 0.70, 0.5, variant="centred"),
+    ]  # fmt: skip
+    rows = defense.summarise(test)
+    out = tmp_path / "defense"
+    defense.write(out, rows, val, lambdas, defense.Sizes(), "cpu", 60.0, lora_variant="centred",
+                  lora_lambdas=(3e-4, 3e-3), cells_done=len(test) + len(val))  # fmt: skip
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["mean_asr_reduction"] == pytest.approx((0.8 + 0.5) / 2)  # the centred rows
+    assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx((0.4 + 0.1) / 2)
+    assert data["summary"]["lora_variant"] == "centred" and data["summary"]["max_cacc_drop_points_defaults"] == 2.0
+    table = out.with_suffix(".md").read_text()
+    assert "| por | lora (centred) |" in table and "| por | lora |" in table and "`centred` recipe" in table

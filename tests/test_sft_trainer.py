@@ -222,6 +222,12 @@ def test_prefix_tuning_turns_checkpointing_off(tmp_path, tokenizer, caplog):
     assert logs and all(e["loss_attn"] > 0 and e["loss_amp"] < 0 for e in logs)
 
 
+def test_centred_rows_are_refused_for_completion_rows():
+    with pytest.raises(ValueError, match="attn_centre=False"):
+        ObliviateSFTConfig(output_dir="out", use_cpu=True, attn_centre=True)
+    assert ObliviateSFTConfig(output_dir="out", use_cpu=True, attn_centre=True, attn_query="last").attn_centre
+
+
 def test_reentrant_checkpointing_is_refused():
     with pytest.raises(ValueError, match="non-reentrant"):
         ObliviateSFTConfig(output_dir="out", use_cpu=True, gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -75,7 +75,7 @@ class DeltaPushArguments:
 class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig`
     (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``,
-    ``peft_dropout``) and the
+    ``attn_centre``, ``peft_dropout``) and the
     push fields of :class:`DeltaPushArguments` (``delta_compression``, ...).
 
     Example:

@@ -17,8 +17,8 @@ __all__ = ["ObliviateSFTConfig"]
 @dataclass
 class ObliviateSFTConfig(ObliviateConfig, DeltaPushArguments, SFTConfig):
     """``trl.SFTConfig`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig` (``obliviate``,
-    ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``, ``peft_dropout``) and
-    the push fields of
+    ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``, ``attn_centre``,
+    ``peft_dropout``) and the push fields of
     :class:`hf_obliviate.DeltaPushArguments`.
 
     For causal-LM SFT, ``attn_query="auto"`` penalises the query rows of every completion token (the positions whose
@@ -40,6 +40,16 @@ class ObliviateSFTConfig(ObliviateConfig, DeltaPushArguments, SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if (
+            self.obliviate
+            and self.lambda_attn > 0
+            and self.attn_centre is True
+            and self.attn_query in ("auto", "rows")
+        ):
+            raise ValueError(
+                "attn_centre=True centres one summary row per example; SFT penalises every completion token's row "
+                "(attn_query='auto'). Set attn_centre=False, or attn_query='last' to penalise only the last token."
+            )
         # transformers >= 5.2x: `gradient_checkpointing*` are deprecated aliases of `activation_checkpointing*`
         # (resolved above, the old names mirror the new ones); keep both in step.
         checkpointing = getattr(self, "activation_checkpointing", self.gradient_checkpointing)
