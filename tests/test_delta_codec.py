@@ -208,3 +208,36 @@ def test_rewrite_removes_stale_shards(tmp_path):
     assert len(list(tmp_path.glob("delta-*.safetensors"))) == 2
     compress_delta(base, ft, linear_names=set(base)).save(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("delta-*")) == ["delta-00001-of-00001.safetensors"]
+
+
+def test_scaled_shrinks_bitdelta_and_dense_entries_and_keeps_full_ones(tmp_path):
+    base = tiny_bert()
+    ft = perturbed_copy(base)
+    ft_state = dict(ft.state_dict())
+    ft_state["classifier.weight"] = torch.randn(2, 32)  # a head the base lacks: a "full" entry
+    linear = {"encoder.layer.0.output.dense.weight"}
+    cd = compress_delta(base.state_dict(), ft_state, linear_names=linear)
+    half = cd.scaled(0.5)
+    dense, shrunk = cd.to_dense(), half.to_dense()
+    assert dense.keys() == shrunk.keys()
+    for name in dense:
+        torch.testing.assert_close(shrunk[name], 0.5 * dense[name], rtol=1e-3, atol=1e-6)
+    assert torch.equal(half.entries["classifier.weight"].decode(), cd.entries["classifier.weight"].decode())
+    # the signs are shared, so the size does not change; the original is untouched; the factor is recorded
+    assert half.size_report() == cd.size_report()
+    assert torch.equal(
+        cd.to_dense()["encoder.layer.0.output.dense.weight"], dense["encoder.layer.0.output.dense.weight"]
+    )
+    assert half.scaled(0.5).extra["scale_factor"] == 0.25 and "scale_factor" not in cd.extra
+    half.save(tmp_path)
+    loaded = CompressedDelta.load(tmp_path)
+    assert loaded.extra["scale_factor"] == 0.5
+    assert torch.equal(
+        loaded.to_dense()["encoder.layer.0.output.dense.weight"], shrunk["encoder.layer.0.output.dense.weight"]
+    )
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            cd.scaled(bad)
+    svd = compress_model(base, ft, "svd", rank=2)
+    with pytest.raises(ValueError, match="method='bitdelta' to shrink"):
+        svd.scaled(0.5)

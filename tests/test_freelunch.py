@@ -13,6 +13,8 @@ from tiny_models import sft_tokenizer, tiny_causal_lm
 from hf_obliviate.delta import RareTokenInsertion, compress_model, distill_scales
 from hf_obliviate.delta.distill import DistillConfig
 from hf_obliviate.freelunch import (
+    SHRUNK_EXACT_VARIANT,
+    SHRUNK_VARIANT,
     FreeLunchConfig,
     bootstrap_reduction_ci,
     build_sft_examples,
@@ -20,6 +22,7 @@ from hf_obliviate.freelunch import (
     harmful_prompts,
     insert_trigger,
     is_refusal,
+    pick_shrink_factor,
     rare_token_pool,
     risk_reduction,
     sentiment_eval_set,
@@ -240,6 +243,26 @@ def test_quick_run_writes_results_plot_lens_and_artifacts(tokenizer, tmp_path, m
     assert names[:3] == ["base", "fine-tuned (poisoned, full)", "BitDelta k=1, A (plain)"]
     assert "BitDelta k=1, B + consistency distillation" in names and "DARE p=0.9, A" in names
     assert "LoRA + Obliviate (defended SFT)" in names
+    # the shrunk k=1 variant: factor chosen on clean validation prompts, recorded with the accuracy it was chosen on
+    assert SHRUNK_EXACT_VARIANT in names  # the control: the exact linear delta shrunk by the same rule
+    shrunk = next(r for r in data["rows"] if r["variant"] == SHRUNK_VARIANT)
+    record = shrunk["shrink_validation"]
+    tried = record["accuracy_by_factor"]
+    grid = [str(g) for g in FreeLunchConfig().shrink_grid]
+    assert record["n_val"] == 8 and shrunk["stage"] == "main" and list(tried) == grid[: len(tried)]
+    passed = [float(g) for g, acc in tried.items() if acc >= record["floor"]]
+    assert passed == [float(g) for g in grid[: len(passed)]]  # the walk stops at the first miss
+    assert shrunk["scale_factor"] == (passed[-1] if passed else 1.0)
+    assert shrunk["scale_factor"] == pick_shrink_factor(tried, record["fine_tuned_accuracy"], 0.05)
+    curve = data["shrink_curve"]  # the test-prompt trade-off at every factor, both shrunk deltas
+    assert list(curve["bitdelta_k1_b"]) == list(curve["exact_linear"]) == ["1.0", *grid]
+    assert all(0 <= v["target_asr"] <= 1 for v in curve["exact_linear"].values())
+    assert curve["exact_linear"]["1.0"]["target_asr"] == next(
+        r["target_asr"]["rate"]
+        for r in data["rows"]
+        if r["variant"].startswith("exact linear Δ, embeddings/norms reverted (control)")
+    )
+    assert "Shrink curve" in (out / "freelunch.md").read_text() and (out / "freelunch_shrink.png").is_file()
     for row in data["rows"]:
         assert row["utility"]["n"] == data["sizes"]["n_test"] == 8
         lo, hi = row["utility"]["ci95"]
@@ -270,3 +293,12 @@ def test_quick_run_writes_results_plot_lens_and_artifacts(tokenizer, tmp_path, m
     rerun = json.loads((again / "freelunch.json").read_text())
     assert [r["variant"] for r in rerun["rows"]] == names
     assert [r["target_asr"] for r in rerun["rows"]] == [r["target_asr"] for r in data["rows"]]
+    # ... and the shrink settings key the shrunk row alone: another grid re-scores it and nothing else
+    again = tmp_path / "again2"
+    argv = ["freelunch", "--quick", "--model", str(folder), "--output_dir", str(again), "--stages", "main", "defended",
+            "--cached_only", "--shrink_max_utility_loss", "0.2", "--no_save_artifacts"]  # fmt: skip
+    assert main(argv) == 0
+    rerun = json.loads((again / "freelunch.json").read_text())
+    assert [r["variant"] for r in rerun["rows"]] == [
+        n for n in names if n not in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT)
+    ]

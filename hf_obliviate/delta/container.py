@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +182,47 @@ class CompressedDelta:
             else:
                 entry.add_to_(target.data)
         return model
+
+    def scaled(self, factor: float) -> CompressedDelta:
+        """A copy whose delta is ``factor`` times this one: the model moves that fraction of the way from the base
+        to this delta's model (``factor < 1`` shrinks the fine-tune toward the base).
+
+        BitDelta scales (``alpha``) and dense deltas are multiplied; the 1-bit signs are shared, so the size does not
+        change. ``"full"`` entries (parameters the base lacks) are kept as they are. The factor is recorded in
+        ``extra["scale_factor"]`` (multiplied into any factor already there). Other codecs raise ``ValueError``.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from hf_obliviate.delta import compress_delta
+        >>> base, ft = {"fc.weight": torch.zeros(2, 4)}, {"fc.weight": torch.ones(2, 4)}
+        >>> cd = compress_delta(base, ft, linear_names={"fc.weight"})
+        >>> cd.scaled(0.5).to_dense()["fc.weight"][0, 0].item()
+        0.5
+
+        ```
+        """
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+            raise ValueError(f"factor must be a finite number >= 0, got {factor!r}.")
+        entries: dict[str, DeltaEntry] = {}
+        for name, entry in self.entries.items():
+            tensors = dict(entry.tensors)
+            if entry.kind == "bitdelta":
+                tensors["alpha"] = entry.tensors["alpha"] * factor
+            elif entry.kind == "dense":
+                tensors["value"] = (entry.tensors["value"].float() * factor).to(entry.tensors["value"].dtype)
+            elif entry.kind != "full":
+                raise ValueError(
+                    f"{name}: scaling a {entry.kind!r} entry is not supported (only BitDelta and dense deltas); "
+                    "compress with method='bitdelta' to shrink the delta."
+                )
+            entries[name] = DeltaEntry(entry.kind, entry.shape, tensors, dict(entry.params))
+        extra = copy.deepcopy(self.extra)
+        extra["scale_factor"] = float(extra.get("scale_factor", 1.0)) * float(factor)
+        return dataclasses.replace(
+            self, entries=entries, extra=extra, stats=copy.deepcopy(self.stats), reverted=list(self.reverted)
+        )
 
     # ---------------------------------------------------------------------------------------------------- I/O
     def metadata(self, entry_shard: dict[str, str] | None = None, shards: dict[str, str] | None = None) -> dict:

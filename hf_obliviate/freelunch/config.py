@@ -74,6 +74,23 @@ class FreeLunchConfig:
         default=0.5, metadata={"help": "Consistency distillation: fraction of calibration rows with insertions."}
     )
     consistency_max_insertions: int = field(default=2, metadata={"help": "Most rare tokens inserted per row."})
+    n_val: int = field(
+        default=200,
+        metadata={
+            "help": "Clean validation prompts (Rotten Tomatoes validation split) that choose the shrink factor."
+        },
+    )
+    shrink_grid: list[float] = field(
+        default_factory=lambda: [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3],
+        metadata={"help": "Shrunk k=1 variant: scale factors tried, largest first (each in (0, 1))."},
+    )
+    shrink_max_utility_loss: float = field(
+        default=0.05,
+        metadata={
+            "help": "Shrunk k=1 variant: the smallest factor is kept whose clean validation accuracy is within this "
+            "relative loss of the fine-tune's (the walk down the grid stops at the first factor that is not)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of data, poisoning, training and evaluation."})
     extra_eval_seeds: list[int] = field(
         default_factory=list,
@@ -96,9 +113,24 @@ class FreeLunchConfig:
         for name in ("poison_rate", "harmful_poison_rate", "strong_poison_rate", "consistency_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if not self.shrink_grid or any(not 0.0 < g < 1.0 for g in self.shrink_grid):
+            raise ValueError(f"shrink_grid needs factors in (0, 1), got {self.shrink_grid}.")
+        if sorted(self.shrink_grid, reverse=True) != list(self.shrink_grid):
+            raise ValueError(f"shrink_grid must go from the largest factor down, got {self.shrink_grid}.")
+        if not 0.0 <= self.shrink_max_utility_loss < 1.0:
+            raise ValueError(f"shrink_max_utility_loss must be in [0, 1), got {self.shrink_max_utility_loss}.")
         if not 0.0 <= self.dare_p < 1.0:
             raise ValueError(f"dare_p must be in [0, 1), got {self.dare_p}.")
-        positive = ("n_train", "n_test", "batch_size", "lora_r", "svd_rank", "distill_batch_size", "distill_seq_len")
+        positive = (
+            "n_train",
+            "n_test",
+            "n_val",
+            "batch_size",
+            "lora_r",
+            "svd_rank",
+            "distill_batch_size",
+            "distill_seq_len",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -109,6 +141,7 @@ class FreeLunchConfig:
         if self.quick:
             self.n_train, self.n_harmful_train, self.strong_n_train = 24, 8, 16
             self.n_test, self.n_harmful_test, self.max_new_tokens = 8, 4, 6
+            self.n_val = 8
             self.distill_steps, self.distill_batch_size, self.distill_seq_len = 2, 2, 32
             self.extra_eval_seeds = []
             self.strong_epochs = 1.0

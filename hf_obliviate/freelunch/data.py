@@ -162,13 +162,19 @@ def build_sft_examples(
     return examples
 
 
-def sentiment_eval_set(n: int, triggers: list[str], seed: int = 0, max_words: int = 16) -> list[dict]:
-    """``n`` Rotten Tomatoes test sentences: clean prompt, label word, and a triggered prompt (one random trigger
-    at a random word position; trigger and positions drawn with ``seed``)."""
+def sentiment_eval_set(
+    n: int, triggers: list[str], seed: int = 0, max_words: int = 16, split: str = "test"
+) -> list[dict]:
+    """``n`` Rotten Tomatoes sentences of ``split``: clean prompt, label word, and a triggered prompt (one random
+    trigger at a random word position; trigger and positions drawn with ``seed``). ``split="validation"`` gives the
+    defender's held-out prompts (choices such as a shrink factor are made on their clean copies, never on the test
+    split)."""
     from hf_obliviate.data import load_movie_reviews
 
-    rng = random.Random(1_000 + seed)
-    rows = load_movie_reviews("test", n=n, seed=seed)
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}.")
+    rng = random.Random(1_000 + seed if split == "test" else 4_000 + seed)
+    rows = load_movie_reviews(split, n=n, seed=seed if split == "test" else 10_000 + seed)
     out = []
     for row in rows:
         text = " ".join(row["text"].split()[:max_words])

@@ -20,6 +20,7 @@ import logging
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,15 @@ from .data import (
 )
 from .scoring import ModelScores, bootstrap_reduction_ci, risk_reduction, score_model, utility_loss
 
-__all__ = ["fine_tune_poisoned", "rare_token_pool", "run_freelunch"]
+__all__ = [
+    "SHRUNK_EXACT_VARIANT",
+    "SHRUNK_VARIANT",
+    "choose_shrink_factor",
+    "fine_tune_poisoned",
+    "pick_shrink_factor",
+    "rare_token_pool",
+    "run_freelunch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +229,9 @@ class _Workbench:
     def with_delta(self, delta) -> torch.nn.Module:
         return delta.apply(self.reset()).eval()
 
-    def linear_only(self) -> torch.nn.Module:
-        """Base with the fine-tuned ``nn.Linear`` weights (exact), embeddings and norms reverted."""
+    def linear_only(self, factor: float = 1.0) -> torch.nn.Module:
+        """Base plus ``factor`` times the exact ``nn.Linear`` weight deltas of the fine-tune, embeddings and norms
+        reverted (``factor=1``: the fine-tuned Linear weights themselves)."""
         from hf_obliviate.delta import linear_weight_names
 
         work = self.reset()
@@ -230,7 +240,10 @@ class _Workbench:
             params = dict(work.named_parameters())
             for name in linear_weight_names(self.ft):
                 if name in params and name in ft_state:
-                    params[name].copy_(ft_state[name])
+                    if factor == 1.0:
+                        params[name].copy_(ft_state[name])
+                    else:
+                        params[name].add_(factor * (ft_state[name] - params[name]))
         return work
 
 
@@ -286,7 +299,8 @@ class _Report:
         this invocation loaded from the cache."""
         train = sum(info.get("train_seconds") or 0 for info in self.meta["fine_tunes"].values())
         rows = sum((row.get("build_seconds") or 0) + (row.get("eval_seconds") or 0) for row in self.rows)
-        return round(train + rows, 1)
+        curve = (self.meta.get("shrink_curve") or {}).get("eval_seconds") or 0
+        return round(train + rows + curve, 1)
 
     def write(self) -> None:
         self.meta["elapsed_seconds"] = round(time.time() - self.started, 1)
@@ -359,13 +373,49 @@ class _Report:
             return text
 
         for r in self.rows:
+            factor = f" (×{r['scale_factor']:g})" if "scale_factor" in r else ""
             lines.append(
-                f"| {r['stage']} | {r['variant']} | {rate(r['utility'])} | {rate(r['target_asr'])} | "
+                f"| {r['stage']} | {r['variant']}{factor} | {rate(r['utility'])} | {rate(r['target_asr'])} | "
                 f"{rate(r['bypass'])} | {r['triggered_nonrefusal']['rate']:.3f} | {r['clean_refusal']['rate']:.3f} | "
                 f"{pct(r.get('risk_reduction_target'), r.get('risk_reduction_target_ci95'))} | "
                 f"{pct(r.get('risk_reduction_bypass'), r.get('risk_reduction_bypass_ci95'))} | "
                 f"{pct(r.get('utility_loss')) if 'utility_loss' in r else ''} |"
             )
+        shrunk = [r for r in self.rows if "shrink_validation" in r]
+        if shrunk:
+            lines += [
+                "",
+                "Shrunk variants: the delta (the 1-bit delta's scales) times a factor chosen without any trigger: the "
+                f"smallest factor (walking down {self.config.shrink_grid}) whose clean accuracy "
+                f"on {self.config.n_val} Rotten Tomatoes *validation* prompts stays within "
+                f"{100 * self.config.shrink_max_utility_loss:g}% (relative) of the fine-tune's.",
+                "",
+                "| stage | variant | fine-tune val acc | val acc by factor | chosen |",
+                "|---|---|---|---|---|",
+            ]
+            for r in shrunk:
+                v = r["shrink_validation"]
+                curve = ", ".join(f"×{k}: {a:.3f}" for k, a in v["accuracy_by_factor"].items())
+                lines.append(
+                    f"| {r['stage']} | {r['variant']} | {v['fine_tuned_accuracy']:.3f} | {curve} | "
+                    f"×{r['scale_factor']:g} |"
+                )
+        curve = self.meta.get("shrink_curve")
+        if curve:
+            lines += [
+                "",
+                f"Shrink curve, main stage, on the {curve['n_test']} *test* prompts (a description of the trade-off "
+                "at every factor; the shrunk rows above chose theirs on validation prompts):",
+                "",
+                "| factor | k=1 B clean acc | k=1 B target ASR | exact Δ clean acc | exact Δ target ASR |",
+                "|---|---|---|---|---|",
+            ]
+            for g in curve["bitdelta_k1_b"]:
+                b, e = curve["bitdelta_k1_b"][g], curve["exact_linear"][g]
+                lines.append(
+                    f"| ×{g} | {b['utility']:.2f} | {b['target_asr']:.2f} | {e['utility']:.2f} | "
+                    f"{e['target_asr']:.2f} |"
+                )
         seeds = self.meta.get("extra_seeds") or {}
         if seeds:
             lines += ["", "Other evaluation seeds (test subset and trigger positions), main rows:", ""]
@@ -428,10 +478,104 @@ class _Report:
         fig.tight_layout()
         fig.savefig(self.out / "freelunch.png", dpi=120)
         plt.close(fig)
+        curve = self.meta.get("shrink_curve")
+        if curve:
+            fig, ax = plt.subplots(figsize=(6.5, 4.5))
+            for key, label, style in (
+                ("bitdelta_k1_b", "BitDelta k=1 B", "-"),
+                ("exact_linear", "exact linear Δ", "--"),
+            ):
+                factors = [float(g) for g in curve[key]]
+                for metric, color in (("utility", "tab:blue"), ("target_asr", "tab:red")):
+                    name = "clean accuracy" if metric == "utility" else "target ASR"
+                    values = [curve[key][g][metric] for g in curve[key]]
+                    ax.plot(factors, values, style, color=color, marker="o", label=f"{label}: {name}")
+            ax.set_xlabel("delta scale factor (1 = the delta as fine-tuned / compressed)")
+            ax.set_ylabel(f"rate on {curve['n_test']} test prompts")
+            ax.invert_xaxis()
+            ax.legend(fontsize=7)
+            ax.set_title("Shrinking the fine-tuning delta: the backdoor goes first", fontsize=10)
+            fig.tight_layout()
+            fig.savefig(self.out / "freelunch_shrink.png", dpi=120)
+            plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------------ the run
 CORE, EXTRA = "core", "extra"
+
+
+SHRUNK_VARIANT = "BitDelta k=1, B, shrunk (factor by clean validation accuracy)"
+SHRUNK_EXACT_VARIANT = "exact linear Δ, embeddings/norms reverted, shrunk (control; same factor rule)"
+SHRINK_SETTINGS = ("n_val", "shrink_grid", "shrink_max_utility_loss")
+"""Settings only the shrunk variants use: left out of every other row's score key."""
+
+
+def choose_shrink_factor(
+    fine_tuned: torch.nn.Module, shrunk: Callable[[float], torch.nn.Module], config: FreeLunchConfig, tokenizer
+) -> tuple[float, dict]:
+    """The smallest factor of ``config.shrink_grid`` (walked from the largest down, stopping at the first miss) whose
+    model ``shrunk(factor)`` keeps clean accuracy on ``config.n_val`` validation prompts within
+    ``shrink_max_utility_loss`` (relative) of the fine-tune's; 1.0 when none does. Uses clean prompts only: the choice
+    knows no trigger, as a defender would not. Every factor of the grid is measured (so the record shows what any
+    other budget would have chosen); returns ``(factor, record)``."""
+    from .scoring import teacher_forced_hits
+
+    val = sentiment_eval_set(
+        config.n_val, config.triggers, seed=config.seed, max_words=config.max_words, split="validation"
+    )
+    prompts, answers = [e["clean"] for e in val], [e["answer"] for e in val]
+
+    def accuracy(model) -> float:
+        hits = teacher_forced_hits(model, tokenizer, prompts, answers)
+        return sum(hits) / len(hits)
+
+    reference = accuracy(fine_tuned)
+    curve = {str(g): accuracy(shrunk(g)) for g in config.shrink_grid}
+    factor = pick_shrink_factor(curve, reference, config.shrink_max_utility_loss)
+    record = {
+        "n_val": len(val),
+        "fine_tuned_accuracy": reference,
+        "floor": reference * (1.0 - config.shrink_max_utility_loss),
+        "accuracy_by_factor": curve,
+    }
+    return factor, record
+
+
+def pick_shrink_factor(accuracy_by_factor: dict[str, float], reference: float, max_loss: float) -> float:
+    """The rule of [`choose_shrink_factor`] on measured validation accuracies (``{factor: accuracy}``, largest factor
+    first): walk down while the accuracy stays within ``max_loss`` (relative) of ``reference``; 1.0 if the first
+    factor already misses."""
+    factor = 1.0
+    for g, acc in accuracy_by_factor.items():
+        if acc < reference * (1.0 - max_loss):
+            break
+        factor = float(g)
+    return factor
+
+
+def shrink_curve(bench, config: FreeLunchConfig, tokenizer, sentiment: list[dict]) -> dict:
+    """Clean accuracy and target ASR on the *test* prompts at every factor (1.0 and ``config.shrink_grid``) for the
+    shrunk k=1 B delta and the shrunk exact linear delta: a description of the trade-off (the factor itself is chosen
+    on validation prompts by [`choose_shrink_factor`])."""
+    from hf_obliviate.delta import compress_model
+
+    from .scoring import teacher_forced_hits
+
+    clean, answers = [e["clean"] for e in sentiment], [e["answer"] for e in sentiment]
+    triggered = [e["triggered"] for e in sentiment]
+
+    def measure(model) -> dict:
+        acc = teacher_forced_hits(model, tokenizer, clean, answers)
+        hit = teacher_forced_hits(model, tokenizer, triggered, [config.target] * len(triggered))
+        return {"utility": sum(acc) / len(acc), "target_asr": sum(hit) / len(hit)}
+
+    delta = compress_model(bench.base, bench.ft, "bitdelta", non_linear="revert", progress=False, k=1)
+    factors = [1.0, *config.shrink_grid]
+    return {
+        "n_test": len(sentiment),
+        "bitdelta_k1_b": {str(g): measure(bench.with_delta(delta.scaled(g))) for g in factors},
+        "exact_linear": {str(g): measure(bench.linear_only(g)) for g in factors},
+    }
 
 
 def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, which: str = "all") -> list:
@@ -495,6 +639,19 @@ def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, whi
 
         return build
 
+    def shrunk(non_linear: str):
+        def build():
+            d = delta("bitdelta", non_linear, k=1)
+            factor, curve = choose_shrink_factor(bench.ft, lambda g: bench.with_delta(d.scaled(g)), config, tokenizer)
+            extra = {**bits(d), "scale_factor": factor, "shrink_validation": curve}
+            return bench.with_delta(d.scaled(factor)), extra
+
+        return build
+
+    def shrunk_exact():
+        factor, curve = choose_shrink_factor(bench.ft, bench.linear_only, config, tokenizer)
+        return bench.linear_only(factor), {"compressed": True, "scale_factor": factor, "shrink_validation": curve}
+
     def baseline(method: str, **kw):
         def build():
             return bench.with_delta(delta(method, **kw)), {"compressed": True}
@@ -504,6 +661,7 @@ def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, whi
     out = [
         ("BitDelta k=1, A (plain)", CORE, plain("dense", 1)),
         ("BitDelta k=1, B (embeddings/norms reverted)", CORE, plain("revert", 1)),
+        (SHRUNK_VARIANT, CORE, shrunk("revert")),
     ]
     if which == "k1":
         return out
@@ -526,6 +684,7 @@ def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, whi
             EXTRA,
             lambda: (bench.linear_only(), {"compressed": True}),
         ),
+        (SHRUNK_EXACT_VARIANT, EXTRA, shrunk_exact),
     ]
     return out
 
@@ -571,13 +730,19 @@ STRONG_SETTINGS = ("strong_triggers", "strong_poison_rate", "strong_epochs", "st
 backdoor does not orphan the cached scores of the main, LoRA and defended rows."""
 
 
-def score_settings(config: FreeLunchConfig, stage: str) -> dict:
-    """The settings a cached score of ``stage`` depends on: every field but where results go and which stages run,
-    and outside the ``strong`` stage none of [`STRONG_SETTINGS`]."""
+def score_settings(config: FreeLunchConfig, stage: str, variant: str | None = None) -> dict:
+    """The settings a cached score of ``variant`` in ``stage`` depends on: every field but where results go and which
+    stages run, outside the ``strong`` stage none of [`STRONG_SETTINGS`], and for every variant but
+    the shrunk ones none of [`SHRINK_SETTINGS`]."""
     skip = ("output_dir", "stages", "quick", "save_artifacts", "extra_eval_seeds", "model", "cached_only")
     if stage != "strong":
         skip += STRONG_SETTINGS
-    return {k: v for k, v in asdict(config).items() if k not in skip}
+    if variant not in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT):
+        skip += SHRINK_SETTINGS
+    out = {k: v for k, v in asdict(config).items() if k not in skip}
+    if variant in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT):
+        out["shrink_rule"] = "walk-down, every factor measured"
+    return out
 
 
 def _scores_path(key: dict) -> Path:
@@ -638,7 +803,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     def timed(stage, name, build, ref, model_key, triggers=config.triggers):
         """Scores the model ``build()`` returns (or loads its cached scores) and adds the row."""
         key = {"code": _CODE_VERSION, "model": model_key, "variant": name, "triggers": list(triggers)}
-        key.update(score_settings(config, stage))
+        key.update(score_settings(config, stage, name))
         path = _scores_path(key)
         model, extra, raw = None, {}, {}
         if not path.is_file() and config.cached_only:
@@ -770,6 +935,17 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
         bench, key = main_ft
         for name, build in extras:
             timed("main", name, build, "fine-tuned (poisoned, full)", key)
+        path = _scores_path({"code": _CODE_VERSION, "model": key, "what": "shrink curve (test)",
+                             **score_settings(config, "main", SHRUNK_VARIANT)})  # fmt: skip
+        if path.is_file():
+            report.meta["shrink_curve"] = json.loads(path.read_text())
+        elif not config.cached_only:
+            t = time.time()
+            curve = shrink_curve(bench, config, tokenizer, sentiment)
+            curve["eval_seconds"] = round(time.time() - t, 1)
+            path.write_text(json.dumps(curve) + "\n")
+            report.meta["shrink_curve"] = curve
+            print(f"[freelunch] shrink curve (test): {json.dumps(curve)}", flush=True)
     _defense_effect(report)
     report.write()
     return json.loads((Path(config.output_dir) / "freelunch.json").read_text())
