@@ -737,12 +737,18 @@ def score_settings(config: FreeLunchConfig, stage: str, variant: str | None = No
     skip = ("output_dir", "stages", "quick", "save_artifacts", "extra_eval_seeds", "model", "cached_only")
     if stage != "strong":
         skip += STRONG_SETTINGS
-    if variant not in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT):
+    shrunk = is_shrunk(variant)
+    if not shrunk:
         skip += SHRINK_SETTINGS
     out = {k: v for k, v in asdict(config).items() if k not in skip}
-    if variant in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT):
+    if shrunk:
         out["shrink_rule"] = "walk-down, every factor measured"
     return out
+
+
+def is_shrunk(variant: str | None) -> bool:
+    """Whether a row name is a shrunk variant, also as the ``"<fine-tune> → <variant>"`` of the LoRA stages."""
+    return variant is not None and variant.split(" → ")[-1] in (SHRUNK_VARIANT, SHRUNK_EXACT_VARIANT)
 
 
 def _scores_path(key: dict) -> Path:
