@@ -393,9 +393,13 @@ def write(
     prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None,
     cells_done: int | None = None,
 ) -> None:  # fmt: skip
+    lora_lambdas = tuple(lora_lambdas or lambdas)
+
+    def is_default(r: dict) -> bool:  # the recipes chosen on the validation split (LoRA's also for adapters)
+        return r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)
+
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
-    # the defaults: the recipes chosen on the validation split (LoRA's also for adapters)
-    default = [r for r in attack_rows if r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)]
+    default = [r for r in attack_rows if is_default(r)]
     mean, counted = _mean_reduction(default)
     mean_reference, counted_reference = _mean_reduction([r for r in attack_rows if r["variant"] == "reference"])
     summary = {
@@ -408,17 +412,9 @@ def write(
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
         "prefix_variant": prefix_variant,
         "lora_variant": lora_variant,
-        "lora_variant_lambdas": list(lora_lambdas or lambdas),
+        "lora_variant_lambdas": list(lora_lambdas),
         "max_cacc_drop_points_defaults": round(
-            max(
-                (
-                    -r["cacc_delta_points"]
-                    for r in rows
-                    if r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)
-                ),
-                default=0.0,
-            ),
-            2,
+            max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
     }
     done = cells_done if cells_done is not None else sum(r["seeds"] * 2 for r in rows) + len(tuning)
@@ -481,8 +477,8 @@ def write(
     lines += [
         "",
         f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults, chosen on the validation "
-        f"split: LoRA and adapters with the `{lora_variant}` recipe (λ_amp = {(lora_lambdas or lambdas)[0]:g}, "
-        f"λ_attn = {(lora_lambdas or lambdas)[1]:g}), prefix tuning with the `{prefix_variant}` recipe): "
+        f"split: LoRA and adapters with the `{lora_variant}` recipe (λ_amp = {lora_lambdas[0]:g}, "
+        f"λ_attn = {lora_lambdas[1]:g}), prefix tuning with the `{prefix_variant}` recipe): "
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
         f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
         f"chance ({summary['rows_without_a_seed_above_chance']} rows have none: a model at chance shows no backdoor "

@@ -395,9 +395,9 @@ class _Report:
             ]
             for r in shrunk:
                 v = r["shrink_validation"]
-                curve = ", ".join(f"×{k}: {a:.3f}" for k, a in v["accuracy_by_factor"].items())
+                walk = ", ".join(f"×{k}: {a:.3f}" for k, a in v["accuracy_by_factor"].items())
                 lines.append(
-                    f"| {r['stage']} | {r['variant']} | {v['fine_tuned_accuracy']:.3f} | {curve} | "
+                    f"| {r['stage']} | {r['variant']} | {v['fine_tuned_accuracy']:.3f} | {walk} | "
                     f"×{r['scale_factor']:g} |"
                 )
         curve = self.meta.get("shrink_curve")
