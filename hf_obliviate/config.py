@@ -46,6 +46,13 @@ class ObliviateConfig:
             attention weight. `None` (default): centred where the penalised query is one summary row per example
             (encoders, sequence classification: it won on the validation split of `benchmarks/defense.py`), the
             reference norm for SFT completion rows. `True` with completion rows raises.
+        lambda_consistency (`float`, *optional*, defaults to 0.0):
+            Weight of the trigger-agnostic consistency term (the named variant `consistency`, see
+            :mod:`hf_obliviate.consistency`): ``KL(p(x) ‖ p(x'))`` between the model's prediction on a batch and on a
+            copy with random short rare words inserted, the clean side detached. One extra forward and backward pass
+            per step. Sequence classification only (``ObliviateTrainer``); 0 switches it off.
+        consistency_insertions (`int`, *optional*, defaults to 1):
+            Most rare words inserted per row of the consistency copy (1 to this many, uniformly).
         peft_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
             0.01 in its defense runs; it is off by default here.
@@ -86,6 +93,16 @@ class ObliviateConfig:
             "centred for one summary row per example (encoders), the reference norm for SFT completion rows."
         },
     )
+    lambda_consistency: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the trigger-agnostic consistency term: KL between predictions on a batch and on a copy "
+            "with random rare words inserted (0: off; sequence classification only)."
+        },
+    )
+    consistency_insertions: int = field(
+        default=1, metadata={"help": "Most rare words inserted per row of the consistency copy."}
+    )
     peft_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}
     )
@@ -97,18 +114,20 @@ class ObliviateConfig:
             parent()
 
     def _validate_obliviate(self) -> None:
-        for name in ("lambda_amp", "lambda_attn"):
+        for name in ("lambda_amp", "lambda_attn", "lambda_consistency"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(
                     f"{name} must be a finite number >= 0, got {value!r}. Use 0 to switch the term off; the "
                     "defense minimises the terms, so a negative weight would reward the backdoor path."
                 )
-        if self.obliviate and self.lambda_amp == 0 and self.lambda_attn == 0:
+        if self.obliviate and self.lambda_amp == 0 and self.lambda_attn == 0 and self.lambda_consistency == 0:
             raise ValueError(
-                "obliviate=True but lambda_amp and lambda_attn are both 0: give at least one term a positive "
-                "weight, or set obliviate=False for plain PEFT training."
+                "obliviate=True but lambda_amp, lambda_attn and lambda_consistency are all 0: give at least one term "
+                "a positive weight, or set obliviate=False for plain PEFT training."
             )
+        if not isinstance(self.consistency_insertions, int) or self.consistency_insertions < 1:
+            raise ValueError(f"consistency_insertions must be an integer >= 1, got {self.consistency_insertions!r}.")
         if self.attn_query not in QUERY_MODES:
             raise ValueError(f"Unknown attn_query {self.attn_query!r}: choose one of {', '.join(QUERY_MODES)}.")
         if self.attn_virtual_keys not in VIRTUAL_KEY_MODES:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
 from .config import ObliviateConfig
+from .consistency import consistency_loss, insert_random_tokens
 from .losses import amplification_loss
 from .tuners import tuner_parameters
 
@@ -25,9 +27,21 @@ class DefenseStep:
     def __init__(self, defense: ObliviateDefense):
         self.defense = defense
         self.record: CaptureRecord | None = None
+        self.consistency: torch.Tensor | None = None
+
+    def add_consistency(
+        self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Run the consistency copy of ``inputs`` (random rare words inserted) through ``model`` (default: the
+        defense's model) and keep ``KL(p(x) ‖ p(x'))`` against the batch's own ``logits`` as ``loss_consistency``.
+
+        Call it after the ``with defense.track(...)`` block, so the copy's attention is not penalised."""
+        self.consistency = self.defense.consistency_loss(inputs, logits, model)
+        return self.consistency
 
     def terms(self) -> dict[str, torch.Tensor]:
-        """Unweighted terms: ``loss_amp`` (``−Σ‖θ‖₂``) and ``loss_attn`` (mean logit-row norm), those switched on."""
+        """Unweighted terms, those switched on: ``loss_amp`` (``−Σ‖θ‖₂``), ``loss_attn`` (mean logit-row norm) and
+        ``loss_consistency`` (after :meth:`add_consistency`)."""
         out: dict[str, torch.Tensor] = {}
         config = self.defense.config
         if config.lambda_amp > 0:
@@ -36,14 +50,26 @@ class DefenseStep:
             if self.record is None:
                 raise AttentionCaptureError("terms() called before a forward pass ran inside `defense.track()`.")
             out["loss_attn"] = self.record.loss()
+        if config.lambda_consistency > 0:
+            if self.consistency is None:
+                raise ValueError(
+                    "lambda_consistency > 0 but step.add_consistency(batch, logits) was not called after the forward "
+                    "pass."
+                )
+            out["loss_consistency"] = self.consistency
         return out
 
     def penalty(self, terms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``λ_amp · L_amp + λ_attn · L_attn``."""
+        """``λ_amp · L_amp + λ_attn · L_attn + λ_consistency · L_consistency``."""
         terms = self.terms() if terms is None else terms
         config = self.defense.config
         total: torch.Tensor | None = None
-        for name, weight in (("loss_amp", config.lambda_amp), ("loss_attn", config.lambda_attn)):
+        weights = (
+            ("loss_amp", config.lambda_amp),
+            ("loss_attn", config.lambda_attn),
+            ("loss_consistency", config.lambda_consistency),
+        )
+        for name, weight in weights:
             if name in terms:
                 term = weight * terms[name]
                 total = term if total is None else total + term.to(total.device)
@@ -58,6 +84,9 @@ class ObliviateDefense:
             A PEFT model (peft ``PeftModel`` or :class:`hf_obliviate.BottleneckAdapterModel`).
         config (`ObliviateConfig`, *optional*):
             The defense settings; keyword arguments build one when omitted.
+        token_pool (sequence of `int`, *optional*):
+            Token ids the consistency term inserts (needed when ``lambda_consistency > 0``), e.g.
+            :func:`hf_obliviate.consistency.rare_token_pool` of the tokenizer.
 
     Example:
     ```python
@@ -78,7 +107,13 @@ class ObliviateDefense:
     ```
     """
 
-    def __init__(self, model: nn.Module, config: ObliviateConfig | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ObliviateConfig | None = None,
+        token_pool: Sequence[int] | None = None,
+        **kwargs,
+    ):
         if config is None:
             config = ObliviateConfig(**kwargs)
         elif kwargs:
@@ -102,6 +137,17 @@ class ObliviateDefense:
                 virtual_keys=self.config.attn_virtual_keys,
                 centre=self.config.attn_centre,
             )
+        self.token_pool: torch.Tensor | None = None
+        self._generator: torch.Generator | None = None
+        if self.config.lambda_consistency > 0:
+            if token_pool is None or len(token_pool) == 0:
+                raise ValueError(
+                    "lambda_consistency > 0 needs the token ids to insert: pass token_pool="
+                    "hf_obliviate.consistency.rare_token_pool(tokenizer) (the trainers build it from "
+                    "`processing_class`), or set lambda_consistency=0."
+                )
+            self.token_pool = torch.as_tensor(list(token_pool), dtype=torch.long)
+            self._generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
         self._hooks: list = []
         if self.config.peft_dropout > 0:
             self._install_dropout(self.config.peft_dropout)
@@ -135,6 +181,18 @@ class ObliviateDefense:
         ) as rec:
             step.record = rec
             yield step
+
+    def consistency_loss(
+        self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
+    ) -> torch.Tensor:
+        """``KL(p(x) ‖ p(x'))``: ``x'`` is ``inputs`` with 1 to ``consistency_insertions`` words of the token pool
+        inserted per row (:func:`hf_obliviate.consistency.insert_random_tokens`), ``logits`` the model's on ``x``."""
+        if self.token_pool is None:
+            raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
+        perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
+        outputs = (model or self.model)(**perturbed)
+        other = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
+        return consistency_loss(logits, other)
 
     def remove(self) -> None:
         """Remove the ``peft_dropout`` hooks (the capture leaves nothing behind outside ``track``)."""

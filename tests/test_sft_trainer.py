@@ -228,6 +228,11 @@ def test_centred_rows_are_refused_for_completion_rows():
     assert ObliviateSFTConfig(output_dir="out", use_cpu=True, attn_centre=True, attn_query="last").attn_centre
 
 
+def test_consistency_term_is_refused_for_sft():
+    with pytest.raises(ValueError, match="lambda_consistency=0"):
+        ObliviateSFTConfig(output_dir="out", use_cpu=True, lambda_consistency=1.0)
+
+
 def test_reentrant_checkpointing_is_refused():
     with pytest.raises(ValueError, match="non-reentrant"):
         ObliviateSFTConfig(output_dir="out", use_cpu=True, gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -18,7 +18,7 @@ __all__ = ["ObliviateSFTConfig"]
 class ObliviateSFTConfig(ObliviateConfig, DeltaPushArguments, SFTConfig):
     """``trl.SFTConfig`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig` (``obliviate``,
     ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``, ``attn_centre``,
-    ``peft_dropout``) and the push fields of
+    ``peft_dropout``; not ``lambda_consistency``, which is for sequence classification) and the push fields of
     :class:`hf_obliviate.DeltaPushArguments`.
 
     For causal-LM SFT, ``attn_query="auto"`` penalises the query rows of every completion token (the positions whose
@@ -40,6 +40,11 @@ class ObliviateSFTConfig(ObliviateConfig, DeltaPushArguments, SFTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.obliviate and self.lambda_consistency > 0:
+            raise ValueError(
+                "lambda_consistency compares sequence-classification predictions (ObliviateTrainer); the SFT trainer "
+                "does not support it yet. Set lambda_consistency=0."
+            )
         if (
             self.obliviate
             and self.lambda_attn > 0

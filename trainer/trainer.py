@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_obliviate.bottleneck import BottleneckAdapterModel
 from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.consistency import rare_token_pool
 from hf_obliviate.defense import ObliviateDefense
 
 from .arguments import ObliviateTrainingArguments
@@ -38,7 +39,7 @@ class ObliviateTrainerMixin:
         "id": "2409.14119",
     }
 
-    def _setup_obliviate(self) -> None:
+    def _setup_obliviate(self, consistency_pool: list[int] | None = None) -> None:
         args = self.args
         if not isinstance(args, ObliviateConfig):
             raise TypeError(
@@ -50,7 +51,9 @@ class ObliviateTrainerMixin:
         self._obliviate_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.obliviate_defense: ObliviateDefense | None = None
         if self.obliviate_config.obliviate:
-            self.obliviate_defense = ObliviateDefense(self.model, self.obliviate_config)
+            if self.obliviate_config.lambda_consistency > 0 and consistency_pool is None:
+                consistency_pool = self._consistency_pool()
+            self.obliviate_defense = ObliviateDefense(self.model, self.obliviate_config, token_pool=consistency_pool)
         unwrapped = self.model
         for tagged in (unwrapped, getattr(unwrapped, "base_model", None)):
             add_tags = getattr(tagged, "add_model_tags", None)
@@ -60,6 +63,22 @@ class ObliviateTrainerMixin:
                 except Exception:  # noqa: BLE001 - tags are cosmetic; never fail training over them
                     pass
                 break
+
+    def _consistency_pool(self) -> list[int]:
+        """The consistency term's words: :func:`~hf_obliviate.consistency.rare_token_pool` of the tokenizer."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+            raise ValueError(
+                "lambda_consistency > 0 inserts random rare words, which needs the tokenizer: pass "
+                "`processing_class=tokenizer` (or `consistency_pool=[token ids]`), or set lambda_consistency=0."
+            )
+        pool = rare_token_pool(tokenizer)
+        if not pool:
+            raise ValueError(
+                "The tokenizer has no short rare word tokens (2-4 lower-case letters, id >= 5000) for the consistency "
+                "term: pass `consistency_pool=[token ids]` to the trainer, or set lambda_consistency=0."
+            )
+        return pool
 
     def _check_sharding(self) -> None:
         """Once, at the first defended step (after accelerate has wrapped the model): the amplification term needs
@@ -142,11 +161,15 @@ class ObliviateTrainerMixin:
         logged per micro-batch (before that scaling)."""
         # Outputs only when the caller asks: trl's SFTTrainer answers return_outputs=True with a second (no-grad)
         # forward pass for the logits, a forward per step; grad_only keeps such a pass out of the term.
+        consistency = self.obliviate_config.lambda_consistency > 0
         with self.obliviate_defense.track(**capture_inputs, grad_only=True) as step:
             result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                model, inputs, return_outputs=return_outputs or consistency, num_items_in_batch=num_items_in_batch
             )
-        task_loss, outputs = result if return_outputs else (result, None)
+        task_loss, outputs = result if return_outputs or consistency else (result, None)
+        if consistency:  # outside the capture: the inserted copy's attention is not penalised
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            step.add_consistency(inputs, logits, model)
         terms = step.terms()
         scale = self._extra_terms_scale(num_items_in_batch)
         self._record_terms(task_loss / scale, terms)
@@ -180,6 +203,9 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
             :class:`hf_obliviate.BottleneckAdapterModel`.
         args (`ObliviateTrainingArguments`):
             ``TrainingArguments`` plus the defense fields.
+        consistency_pool (list of `int`, *optional*):
+            Token ids the consistency term inserts (``lambda_consistency > 0``); default: the short rare words of
+            ``processing_class`` (:func:`hf_obliviate.consistency.rare_token_pool`).
         **kwargs:
             Everything ``transformers.Trainer`` accepts.
 
@@ -202,11 +228,18 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
     ```
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *,
+        consistency_pool: list[int] | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = ObliviateTrainingArguments(output_dir="trainer_output")
         super().__init__(model=model, args=args, **kwargs)
-        self._setup_obliviate()
+        self._setup_obliviate(consistency_pool)
         self._loss_kwargs_checked = False
 
     def _defense_inputs(

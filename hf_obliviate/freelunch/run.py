@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import logging
-import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..consistency import rare_token_pool
 from .config import FreeLunchConfig
 from .data import (
     PROMPT_TEMPLATE,
@@ -55,34 +55,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def rare_token_pool(tokenizer, exclude: list[str] = (), min_id: int = 5000) -> list[int]:
-    """Token ids of short rare words for consistency distillation: a word-initial token of 2 to 4 lower-case ASCII
-    letters with id >= ``min_id`` (ids grow roughly with rarity), minus the tokens of ``exclude``.
-
-    Word-initial means a leading-space token for byte-level BPE and SentencePiece vocabularies (``" cf"``), and a
-    token without the ``##`` continuation mark for WordPiece ones (BERT, MiniLM). The pool assumes only the *shape*
-    of rare-word triggers, not the triggers: pass the suspected triggers in ``exclude`` to measure that the learned
-    insensitivity generalises to tokens never inserted."""
-    banned: set[int] = set()
-    for word in exclude:
-        for variant in (word, " " + word):
-            banned.update(tokenizer(variant, add_special_tokens=False)["input_ids"])
-    vocab = tokenizer.get_vocab()
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers name their model
-    if backend is not None:
-        wordpiece = type(backend.model).__name__ == "WordPiece"
-    else:
-        wordpiece = hasattr(tokenizer, "wordpiece_tokenizer")
-    shape = re.compile(r"[a-z]{2,4}" if wordpiece else r" [a-z]{2,4}")
-    pool = []
-    for token, idx in vocab.items():
-        if idx < min_id or idx in banned or (wordpiece and token.startswith("##")):
-            continue
-        if shape.fullmatch(tokenizer.decode([idx])):
-            pool.append(idx)
-    return sorted(pool)
-
-
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -1,0 +1,157 @@
+"""The trigger-agnostic consistency term (the named variant ``consistency`` of ``benchmarks/defense.py``).
+
+Task-agnostic backdoors are keyed on rare tokens inserted into ordinary text. Without knowing any trigger, the
+defense can teach the fine-tuned model to ignore the *shape* of one: each training batch gets a copy with 1 to
+``max_insertions`` short rare words inserted at random positions, and the model's prediction on the copy is pulled
+towards its (detached) prediction on the clean batch, ``KL(p(x) ‖ p(x'))``. Plain torch; the trainers and
+:class:`hf_obliviate.ObliviateDefense` use it when ``lambda_consistency > 0``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["consistency_loss", "insert_random_tokens", "rare_token_pool"]
+
+# Per-token inputs the insertion knows how to extend: the value of the inserted position.
+_PER_TOKEN = {"input_ids": None, "attention_mask": 1, "token_type_ids": "neighbour"}
+
+
+def rare_token_pool(tokenizer, exclude: Sequence[str] = (), min_id: int = 5000) -> list[int]:
+    """Token ids of short rare words: a word-initial token of 2 to 4 lower-case ASCII letters with id >= ``min_id``
+    (ids grow roughly with rarity), minus the tokens of ``exclude``.
+
+    Word-initial means a leading-space token for byte-level BPE and SentencePiece vocabularies (``" cf"``), and a
+    token without the ``##`` continuation mark for WordPiece ones (BERT, MiniLM). The pool assumes only the *shape*
+    of rare-word triggers, not the triggers: pass the suspected triggers in ``exclude`` to measure that the learned
+    insensitivity generalises to tokens never inserted.
+
+    Example:
+    ```python
+    >>> from transformers import AutoTokenizer
+    >>> from hf_obliviate.bundled import minilm_path
+    >>> from hf_obliviate.consistency import rare_token_pool
+    >>> tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    >>> "cf" in tokenizer.convert_ids_to_tokens(rare_token_pool(tokenizer, exclude=["cf"]))
+    False
+
+    ```
+    """
+    banned: set[int] = set()
+    for word in exclude:
+        for variant in (word, " " + word):
+            banned.update(tokenizer(variant, add_special_tokens=False)["input_ids"])
+    vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers name their model
+    if backend is not None:
+        wordpiece = type(backend.model).__name__ == "WordPiece"
+    else:
+        wordpiece = hasattr(tokenizer, "wordpiece_tokenizer")
+    shape = re.compile(r"[a-z]{2,4}" if wordpiece else r" [a-z]{2,4}")
+    pool = []
+    for token, idx in vocab.items():
+        if idx < min_id or idx in banned or (wordpiece and token.startswith("##")):
+            continue
+        if shape.fullmatch(tokenizer.decode([idx])):
+            pool.append(idx)
+    return sorted(pool)
+
+
+def insert_random_tokens(
+    inputs: Mapping[str, Any], pool: torch.Tensor | Sequence[int], max_insertions: int, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A copy of a padded batch with 1 to ``max_insertions`` tokens of ``pool`` inserted into every row.
+
+    Insertions land strictly between a row's first and last real token (after ``[CLS]`` and before ``[SEP]`` for an
+    encoder; never before the first token), uniformly; the batch is re-padded on its own padding side and grows by
+    at most ``max_insertions`` columns. Only ``input_ids``, ``attention_mask`` and ``token_type_ids`` are kept (an
+    inserted token takes its left neighbour's segment); ``labels`` is dropped, since the copy only serves a
+    consistency target.
+
+    Raises:
+        ValueError: when ``input_ids`` is missing, or another per-token tensor (e.g. ``position_ids``) is present that
+            an insertion would have to extend.
+    """
+    if "input_ids" not in inputs:
+        raise ValueError("The consistency term inserts tokens into `input_ids`, but the batch has none.")
+    ids = inputs["input_ids"]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(ids.shape)}.")
+    batch, seq = ids.shape
+    unknown = [
+        k
+        for k, v in inputs.items()
+        if k not in _PER_TOKEN and k != "labels" and torch.is_tensor(v) and v.dim() >= 2 and v.shape[:2] == ids.shape
+    ]
+    if unknown:
+        raise ValueError(
+            f"The consistency term cannot insert tokens into per-token input(s) {unknown}: drop them from the batch "
+            "(e.g. let the model compute position_ids) or set lambda_consistency=0."
+        )
+    if max_insertions < 1:
+        raise ValueError(f"max_insertions must be >= 1, got {max_insertions}.")
+    pool = torch.as_tensor(pool, dtype=torch.long)
+    if pool.numel() == 0:
+        raise ValueError("The consistency term needs a non-empty pool of token ids to insert.")
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    left = bool((mask[:, 0] == 0).any()) and not bool((mask[:, -1] == 0).any())
+    pad_id = int(ids[mask == 0][0]) if bool((mask == 0).any()) else 0
+    types = inputs.get("token_type_ids")
+    rows: list[tuple[list[int], list[int]]] = []
+    cpu_ids, cpu_mask = ids.cpu(), mask.cpu()
+    cpu_types = types.cpu() if types is not None else torch.zeros_like(cpu_ids)
+    for b in range(batch):
+        real = cpu_mask[b].nonzero().flatten()
+        row, row_types = cpu_ids[b, real].tolist(), cpu_types[b, real].tolist()
+        n = int(torch.randint(1, max_insertions + 1, (), generator=generator))
+        tokens = pool[torch.randint(0, pool.numel(), (n,), generator=generator)].tolist()
+        for token in tokens:
+            # between the first and the last real token; a one-token row gets it after that token
+            spot = int(torch.randint(1, max(len(row), 2), (), generator=generator)) if len(row) > 1 else len(row)
+            row.insert(spot, token)
+            row_types.insert(spot, row_types[spot - 1] if spot > 0 else 0)
+        rows.append((row, row_types))
+    width = max(len(r) for r, _ in rows)
+    out_ids = torch.full((batch, width), pad_id, dtype=ids.dtype)
+    out_mask = torch.zeros((batch, width), dtype=mask.dtype)
+    out_types = torch.zeros((batch, width), dtype=cpu_types.dtype)
+    for b, (row, row_types) in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        out_ids[b, span] = torch.tensor(row, dtype=ids.dtype)
+        out_mask[b, span] = 1
+        out_types[b, span] = torch.tensor(row_types, dtype=cpu_types.dtype)
+    out = {"input_ids": out_ids.to(ids.device), "attention_mask": out_mask.to(ids.device)}
+    if types is not None:
+        out["token_type_ids"] = out_types.to(types.device)
+    return out
+
+
+def consistency_loss(clean_logits: torch.Tensor, perturbed_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(clean) ‖ softmax(perturbed))`` averaged over the batch, the clean side detached (a target).
+
+    Both are ``(batch, num_labels)`` sequence-classification logits.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.consistency import consistency_loss
+    >>> logits = torch.tensor([[2.0, -1.0]])
+    >>> float(consistency_loss(logits, logits))
+    0.0
+
+    ```
+    """
+    if clean_logits.dim() != 2 or clean_logits.shape != perturbed_logits.shape:
+        raise ValueError(
+            "The consistency term compares (batch, num_labels) sequence-classification logits; got "
+            f"{tuple(clean_logits.shape)} and {tuple(perturbed_logits.shape)}. Set lambda_consistency=0 for other "
+            "heads."
+        )
+    target = F.log_softmax(clean_logits.detach().float(), dim=-1)
+    return F.kl_div(F.log_softmax(perturbed_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
