@@ -99,6 +99,14 @@ def build_model_card(
     }.get(method, f"baseline `{method}`")
     lines.append(f"- Method: {desc}; settings `{meta.get('method_config')}`.")
     lines.append(f"- Other changed parameters (embeddings, norms, heads): `{meta.get('non_linear')}`.")
+    factor = (meta.get("extra") or {}).get("scale_factor")
+    if factor is not None and factor != 1.0:
+        lines.append(
+            f"- **Shrunk ×{factor:g}**: the stored delta is {factor:g} times the compressed one, so the model sits "
+            "that fraction of the way from the base to the fine-tune. In our free-lunch evaluation a shrunk 1-bit "
+            "delta stripped more of a poisoned fine-tune's backdoor at a small cost in task accuracy "
+            "(`benchmarks/results/freelunch.md`)."
+        )
     if meta.get("reverted"):
         lines.append(f"- Reverted to base: {len(meta['reverted'])} parameters.")
     lines.append(f"- Compressed matrices: {len(meta.get('modules') or [])}.")

@@ -36,6 +36,12 @@ def _validate_method(cfg) -> None:
         raise ValueError(f"--method must be one of {_METHODS}, got {cfg.method!r}.")
     if cfg.k < 1:
         raise ValueError(f"--k must be >= 1 (1 is plain BitDelta, the safe default), got {cfg.k}.")
+    if not 0 <= cfg.scale_factor < float("inf"):
+        raise ValueError(
+            f"--scale_factor must be a finite number >= 0 (1: the delta as compressed), got {cfg.scale_factor}."
+        )
+    if cfg.scale_factor != 1.0 and cfg.method != "bitdelta":
+        raise ValueError(f"--scale_factor shrinks a BitDelta delta: use --method bitdelta (got {cfg.method!r}).")
     if cfg.non_linear not in ("dense", "revert"):
         raise ValueError(f"--non_linear must be 'dense' or 'revert', got {cfg.non_linear!r}.")
 
@@ -51,6 +57,13 @@ class _MethodFields:
     non_linear: str = field(
         default="dense",
         metadata={"help": "Changed embeddings/norms/heads: 'dense' (keep as fp16 delta) or 'revert' (to base)."},
+    )
+    scale_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": "Shrink the BitDelta delta toward the base (< 1; 1: as compressed). In the free-lunch evaluation "
+            "a 1-bit delta shrunk to x0.6-0.8 lost a poisoned fine-tune's backdoor; choose it on clean data."
+        },
     )
 
 
@@ -181,6 +194,7 @@ def compress_main(cfg: CompressConfig) -> Path:
         base_revision=cfg.base_revision,
         non_linear=cfg.non_linear,
         max_shard_size=cfg.max_shard_size,
+        scale_factor=cfg.scale_factor,
         **_method_kwargs(cfg),
     )
     print(f"Compressed delta written to {out}")
@@ -201,6 +215,7 @@ def push_main(cfg: PushConfig):
         k=k,
         method_kwargs=kw,
         non_linear=cfg.non_linear,
+        scale_factor=cfg.scale_factor,
         lora=cfg.lora,
         private=cfg.private,
         revision=cfg.revision,

@@ -26,6 +26,7 @@ from hf_obliviate.delta import (
     read_delta_metadata,
 )
 from hf_obliviate.delta.checkpoint import resolve_checkpoint
+from hf_obliviate.delta.format import check_scale_factor
 from hf_obliviate.delta.writer import build_metadata, write_json_atomic
 
 from .card import build_model_card
@@ -91,6 +92,7 @@ def build_delta_folder(
     token: str | bool | None = None,
     calibration_ids: torch.Tensor | None = None,
     distill: DistillConfig | None = None,
+    scale_factor: float = 1.0,
     defense: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     repo_id: str | None = None,
@@ -114,6 +116,12 @@ def build_delta_folder(
     if distill is not None and (method != "bitdelta" or calibration_ids is None):
         raise ValueError(
             "Scale distillation needs method='bitdelta' and calibration_ids (token ids of calibration text)."
+        )
+    scale_factor = check_scale_factor(scale_factor)
+    if scale_factor != 1.0 and (method != "bitdelta" or lora == "factors"):
+        raise ValueError(
+            "scale_factor shrinks a BitDelta delta: it needs method='bitdelta' and, for peft models, lora='merged' "
+            f"(got method={method!r}, lora={lora!r})."
         )
 
     is_dir = isinstance(model_or_dir, (str, os.PathLike))
@@ -143,6 +151,7 @@ def build_delta_folder(
             token=token,
             non_linear=non_linear,
             max_shard_size=max_shard_size,
+            scale_factor=scale_factor,
             progress=progress,
             **kw,
         )
@@ -183,8 +192,10 @@ def build_delta_folder(
                 delta.extra["lora_mode"] = "merged"
             if distill is not None:
                 delta = distill_scales(delta, base, ft_full, calibration_ids, distill, progress=progress)
-            elif calibration_ids is not None:
-                rebuilt = delta.apply(base)
+            if scale_factor != 1.0:
+                delta = delta.scaled(scale_factor)
+            if calibration_ids is not None and (distill is None or scale_factor != 1.0):
+                rebuilt = delta.apply(base)  # the delta as stored (a shrunk one moves away from the fine-tune)
                 delta.stats["logit_mse"] = logit_mse(rebuilt, ft_full.eval(), calibration_ids)
             delta.save(output_dir, max_shard_size=max_shard_size)
             meta = read_delta_metadata(output_dir)
@@ -323,6 +334,7 @@ def push_compressed_delta(
     base_revision: str | None = None,
     calibration_ids: torch.Tensor | None = None,
     distill: DistillConfig | None = None,
+    scale_factor: float = 1.0,
     defense: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
     token: str | bool | None = None,
@@ -356,6 +368,10 @@ def push_compressed_delta(
             Token ids of calibration text; when given, the card reports the logit MSE to the fine-tuned model.
         distill ([`DistillConfig`], *optional*):
             Scale distillation (opt-in; needs ``calibration_ids``; the card warns).
+        scale_factor (`float`, *optional*, defaults to 1.0):
+            Shrink the BitDelta delta toward the base (``< 1``; [`CompressedDelta.scaled`]). In the free-lunch
+            evaluation a 1-bit delta shrunk to ×0.6–0.8 lost a poisoned fine-tune's backdoor at a small accuracy
+            cost; choose the factor on clean validation data (the card records it).
         defense, evaluation (`dict`, *optional*):
             Obliviate settings and evaluation results shown in the card.
         token, private, revision, commit_message:
@@ -387,8 +403,8 @@ def push_compressed_delta(
         return build_delta_folder(
             model_or_dir, base_model, dry_run_dir, method=method, k=k, method_kwargs=method_kwargs,
             non_linear=non_linear, lora=lora, base_revision=base_revision, token=token,
-            calibration_ids=calibration_ids, distill=distill, defense=defense, evaluation=evaluation,
-            repo_id=repo_id, max_shard_size=max_shard_size, progress=progress,
+            calibration_ids=calibration_ids, distill=distill, scale_factor=scale_factor, defense=defense,
+            evaluation=evaluation, repo_id=repo_id, max_shard_size=max_shard_size, progress=progress,
         )  # fmt: skip
     ensure_repo(repo_id, token=token, private=private)  # fail on auth before spending time compressing
     tmp = Path(tempfile.mkdtemp(prefix="obliviate-delta-"))
@@ -396,8 +412,8 @@ def push_compressed_delta(
         build_delta_folder(
             model_or_dir, base_model, tmp, method=method, k=k, method_kwargs=method_kwargs,
             non_linear=non_linear, lora=lora, base_revision=base_revision, token=token,
-            calibration_ids=calibration_ids, distill=distill, defense=defense, evaluation=evaluation,
-            repo_id=repo_id, max_shard_size=max_shard_size, progress=progress,
+            calibration_ids=calibration_ids, distill=distill, scale_factor=scale_factor, defense=defense,
+            evaluation=evaluation, repo_id=repo_id, max_shard_size=max_shard_size, progress=progress,
         )  # fmt: skip
         return upload_delta_folder(
             tmp, repo_id, token=token, revision=revision, commit_message=commit_message, create_repo=False

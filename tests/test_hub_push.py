@@ -199,3 +199,42 @@ def test_trainer_push_distills_scales_on_calibration_text(tmp_path):
     trainer.processing_class = None
     with pytest.raises(ValueError, match="needs a tokenizer"):
         trainer._delta_distillation()
+
+
+def test_shrunk_delta_streamed_in_memory_and_from_the_cli(base_and_ft):
+    """``scale_factor`` shrinks the BitDelta delta the same way on every route (streaming checkpoints, an in-memory
+    model, the CLI): the scales and dense deltas times the factor, the signs untouched; the card says so."""
+    tmp_path, ft = base_and_ft
+    ft.save_pretrained(tmp_path / "ft")
+    plain = CompressedDelta.load(compress_main(CompressConfig(
+        base=str(tmp_path / "base"), finetuned=str(tmp_path / "ft"), output_dir=str(tmp_path / "c1"))))  # fmt: skip
+    streamed = CompressedDelta.load(compress_main(CompressConfig(
+        base=str(tmp_path / "base"), finetuned=str(tmp_path / "ft"), output_dir=str(tmp_path / "c2"),
+        scale_factor=0.5)))  # fmt: skip
+    in_memory = push_compressed_delta(
+        ft, str(tmp_path / "base"), "me/shrunk", dry_run_dir=tmp_path / "dry", scale_factor=0.5, progress=False,
+        calibration_ids=torch.randint(0, 100, (2, 8)),
+    )  # fmt: skip
+    from_model = CompressedDelta.load(in_memory)
+    expected = plain.scaled(0.5).to_dense()
+    for delta in (streamed, from_model):
+        assert delta.extra["scale_factor"] == 0.5
+        got = delta.to_dense()
+        assert got.keys() == expected.keys()
+        for name in got:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-3, atol=1e-6, msg=name)
+        name = plain.modules[0]
+        assert torch.equal(delta.entries[name].tensors["signs"], plain.entries[name].tensors["signs"])
+    card = (in_memory / "README.md").read_text()
+    assert "Shrunk ×0.5" in card and "logit MSE" in card
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    rebuilt = load_compressed(str(tmp_path / "base"), str(in_memory))
+    name = plain.modules[0]
+    torch.testing.assert_close(rebuilt.state_dict()[name] - base.state_dict()[name], expected[name].to(torch.float32))
+    with pytest.raises(ValueError, match="--scale_factor shrinks a BitDelta delta"):
+        CompressConfig(base="a", finetuned="b", output_dir="c", method="svd", scale_factor=0.5)
+    with pytest.raises(ValueError, match="--scale_factor must be a finite number"):
+        CompressConfig(base="a", finetuned="b", output_dir="c", scale_factor=float("nan"))
+    with pytest.raises(ValueError, match="method='bitdelta'"):
+        push_compressed_delta(ft, str(tmp_path / "base"), "me/x", dry_run_dir=tmp_path / "d2", method="svd",
+                              scale_factor=0.5, progress=False)  # fmt: skip

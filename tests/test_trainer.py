@@ -173,13 +173,16 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path):
     args = _args(
         tmp_path / "run", max_steps=2, per_device_train_batch_size=4, push_to_hub=True, hub_model_id="me/tiny",
         delta_compression="bitdelta", delta_base_model=str(base_dir), delta_dry_run_dir=str(dry),
+        delta_scale_factor=0.8,
     )  # fmt: skip
     trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=PadCollator(0))
     trainer.train()
     trainer.push_to_hub()
     meta = json.loads((dry / "obliviate_delta.json").read_text())
-    assert meta["method"] == "bitdelta" and meta["k"] == 1
+    assert meta["method"] == "bitdelta" and meta["k"] == 1 and meta["extra"]["scale_factor"] == 0.8
     card = (dry / "README.md").read_text()
     assert "obliviate" in card and "lambda_attn" in card
     rebuilt = load_compressed(str(base_dir), str(dry))
     assert rebuilt is not None
+    with pytest.raises(ValueError, match="delta_scale_factor"):
+        _args(tmp_path / "bad", delta_scale_factor=-0.5)

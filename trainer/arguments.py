@@ -25,6 +25,13 @@ class DeltaPushArguments:
         default=1,
         metadata={"help": "Number of 1-bit masks (k=1 is BitDelta; k>1 restores more of a backdoor, see the card)."},
     )
+    delta_scale_factor: float = field(
+        default=1.0,
+        metadata={
+            "help": "Shrink the pushed BitDelta delta toward the base (< 1; 1: as compressed). A shrunk 1-bit delta "
+            "stripped more of a poisoned fine-tune's backdoor in the free-lunch evaluation; choose it on clean data."
+        },
+    )
     delta_distill_steps: int = field(
         default=0,
         metadata={"help": "Scale-distillation steps on calibration text (0: off; distillation can restore triggers)."},
@@ -60,6 +67,11 @@ class DeltaPushArguments:
             )
         if self.delta_k < 1:
             raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
+        if not (isinstance(self.delta_scale_factor, (int, float)) and 0 <= self.delta_scale_factor < float("inf")):
+            raise ValueError(
+                f"delta_scale_factor must be a finite number >= 0 (1: the delta as compressed), got "
+                f"{self.delta_scale_factor!r}."
+            )
         if self.delta_distill_steps < 0:
             raise ValueError(f"delta_distill_steps must be >= 0, got {self.delta_distill_steps}.")
         if self.delta_calibration_sequences < 1 or self.delta_calibration_seq_len < 2:

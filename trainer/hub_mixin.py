@@ -23,9 +23,10 @@ class CompressedPushMixin:
     every push is the Trainer's own. Only the main process uploads.
 
     Training-argument fields read (all optional, via ``getattr``): ``delta_compression`` (``None`` or
-    ``"bitdelta"``), ``delta_k`` (1), ``delta_distill_steps`` (0), ``delta_distill_lr`` (1e-4), the calibration
-    text ``delta_calibration_texts`` / ``delta_calibration_dataset`` + ``delta_calibration_column`` (default: bundled
-    IMDB sentences), ``delta_calibration_sequences`` (800) and ``delta_calibration_seq_len`` (128),
+    ``"bitdelta"``), ``delta_k`` (1), ``delta_scale_factor`` (1.0), ``delta_distill_steps`` (0),
+    ``delta_distill_lr`` (1e-4), the calibration text ``delta_calibration_texts`` / ``delta_calibration_dataset`` +
+    ``delta_calibration_column`` (default: bundled IMDB sentences), ``delta_calibration_sequences`` (800) and
+    ``delta_calibration_seq_len`` (128),
     ``delta_base_model`` (defaults to the model's ``config._name_or_path``), ``delta_dry_run_dir`` (write the files
     there, upload nothing). Subclasses may override [`~CompressedPushMixin.delta_card_info`] to put defense settings
     and evaluation results in the card, and [`~CompressedPushMixin.delta_calibration_texts`] to supply calibration
@@ -158,6 +159,7 @@ class CompressedPushMixin:
             "progress": not getattr(self.args, "disable_tqdm", False),
             "calibration_ids": calibration_ids,
             "distill": distill,
+            "scale_factor": float(getattr(self.args, "delta_scale_factor", 1.0)),
             **self.delta_card_info(),
         }
         base = self._delta_base_model()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,11 @@ from .format import (
     DeltaFormatError,
     ShapeMismatchError,
     UnsupportedFormatVersionError,
+    check_scale_factor,
     dedup_state_dict,
     file_sha256,
     metadata_checksum,
+    scale_entry_tensors,
     tool_version,
 )
 from .writer import SEP, ShardWriter, build_metadata, size_report, write_json_atomic
@@ -190,6 +191,7 @@ class CompressedDelta:
         BitDelta scales (``alpha``) and dense deltas are multiplied; the 1-bit signs are shared, so the size does not
         change. ``"full"`` entries (parameters the base lacks) are kept as they are. The factor is recorded in
         ``extra["scale_factor"]`` (multiplied into any factor already there). Other codecs raise ``ValueError``.
+        ``stats`` are kept: a relative error ``‖Δ − Δ̂‖ / ‖Δ‖`` is the same for ``factor · Δ`` and ``factor · Δ̂``.
 
         Example:
 
@@ -203,20 +205,10 @@ class CompressedDelta:
 
         ```
         """
-        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
-            raise ValueError(f"factor must be a finite number >= 0, got {factor!r}.")
-        entries: dict[str, DeltaEntry] = {}
+        factor = check_scale_factor(factor)
+        entries = {}
         for name, entry in self.entries.items():
-            tensors = dict(entry.tensors)
-            if entry.kind == "bitdelta":
-                tensors["alpha"] = entry.tensors["alpha"] * factor
-            elif entry.kind == "dense":
-                tensors["value"] = (entry.tensors["value"].float() * factor).to(entry.tensors["value"].dtype)
-            elif entry.kind != "full":
-                raise ValueError(
-                    f"{name}: scaling a {entry.kind!r} entry is not supported (only BitDelta and dense deltas); "
-                    "compress with method='bitdelta' to shrink the delta."
-                )
+            tensors = scale_entry_tensors(name, entry.kind, entry.tensors, factor)
             entries[name] = DeltaEntry(entry.kind, entry.shape, tensors, dict(entry.params))
         extra = copy.deepcopy(self.extra)
         extra["scale_factor"] = float(extra.get("scale_factor", 1.0)) * float(factor)

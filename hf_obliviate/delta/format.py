@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ __all__ = [
     "fingerprint_tensors",
     "metadata_checksum",
     "pack_signs",
+    "scale_entry_tensors",
     "shard_name",
     "tool_version",
     "unpack_signs",
@@ -226,6 +228,36 @@ def metadata_checksum(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != METADATA_CHECKSUM_KEY}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_scale_factor(factor: float) -> float:
+    """Refuses a delta scale factor that is not a finite number >= 0 (1 keeps the delta, < 1 shrinks it)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+        raise ValueError(f"The delta scale factor must be a finite number >= 0 (1: unchanged), got {factor!r}.")
+    return float(factor)
+
+
+def scale_entry_tensors(name: str, kind: str, tensors: dict, factor: float) -> dict:
+    """The tensors of one delta entry with the delta times ``factor`` (numpy arrays or torch tensors alike).
+
+    BitDelta entries multiply their scales (``alpha``; the 1-bit signs are shared), dense deltas their values, in
+    fp32 and back to the stored dtype; ``"full"`` entries (parameters the base lacks) are kept. Other codecs raise
+    ``ValueError``: their factors do not scale linearly in one tensor."""
+    out = dict(tensors)
+    if kind == "bitdelta":
+        out["alpha"] = tensors["alpha"] * factor
+    elif kind == "dense":
+        value = tensors["value"]
+        if isinstance(value, np.ndarray):
+            out["value"] = (value.astype(np.float32) * factor).astype(value.dtype)
+        else:
+            out["value"] = (value.float() * factor).to(value.dtype)
+    elif kind != "full":
+        raise ValueError(
+            f"{name}: scaling a {kind!r} entry is not supported (only BitDelta and dense deltas); compress with "
+            "method='bitdelta' to shrink the delta."
+        )
+    return out
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:

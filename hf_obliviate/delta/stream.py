@@ -10,6 +10,7 @@ layers) loads torch lazily, for the tensors that need it. Both routes write the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,7 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .checkpoint import FLOAT_DTYPE_NAMES, CheckpointReader, as_float32, fingerprint_stored, resolve_checkpoint
-from .format import DELTA_CONFIG_NAME, Fingerprinter, ShapeMismatchError
+from .format import (
+    DELTA_CONFIG_NAME,
+    Fingerprinter,
+    ShapeMismatchError,
+    check_scale_factor,
+    scale_entry_tensors,
+)
 from .linear_names import linear_weight_names_by_name
 from .writer import ShardWriter, build_metadata, size_report, summarize_errors, write_json_atomic
 
@@ -307,6 +314,7 @@ def compress_checkpoints(
     dense_dtype: str = "float16",
     max_shard_size: int | str = "2GB",
     linear_names: Iterable[str] | None = None,
+    scale_factor: float = 1.0,
     progress: bool = True,
     **method_kwargs: Any,
 ) -> Path:
@@ -315,7 +323,8 @@ def compress_checkpoints(
     ``base`` and ``finetuned`` are local folders (``model.safetensors`` or a sharded index) or Hub repo ids (only
     ``*.safetensors`` and ``*.json`` are downloaded). Memory holds a few chunks plus the current output shard, never
     two models. The base fingerprint is computed in the same pass. The default settings run without torch (see the
-    module docstring). Returns ``output_dir``.
+    module docstring). ``scale_factor < 1`` shrinks the delta toward the base as it is written (BitDelta and dense
+    entries; as [`CompressedDelta.scaled`]), recorded in ``extra["scale_factor"]``. Returns ``output_dir``.
 
     Example:
 
@@ -333,6 +342,9 @@ def compress_checkpoints(
     ```
     """
     check_options(non_linear, dense_dtype)
+    scale_factor = check_scale_factor(scale_factor)
+    if scale_factor != 1.0 and method != "bitdelta":
+        raise ValueError(f"scale_factor needs method='bitdelta' (got {method!r}): only BitDelta scales linearly.")
     plain_bitdelta = method == "bitdelta" and set(method_kwargs) <= {"k"} and int(method_kwargs.get("k", 1)) == 1
     compressor = None
     if plain_bitdelta:
@@ -396,6 +408,10 @@ def compress_checkpoints(
                 )
                 del base_t
             if entry is not None:
+                if scale_factor != 1.0:
+                    scaled = scale_entry_tensors(name, entry.kind, entry.tensors, scale_factor)
+                    is_array = isinstance(entry, ArrayEntry)
+                    entry = entry._replace(tensors=scaled) if is_array else dataclasses.replace(entry, tensors=scaled)
                 writer.add(name, entry)
                 sizes.append((entry.kind, entry.numel, entry.nbytes))
                 entry_info[name] = {"kind": entry.kind, "shape": list(entry.shape), "params": entry.params}
@@ -420,7 +436,7 @@ def compress_checkpoints(
         stats={"rel_error": summarize_errors(errors), "rel_error_per_matrix": errors},
         distillation=None,
         model_class=archs[0] if archs else None,
-        extra={},
+        extra={} if scale_factor == 1.0 else {"scale_factor": scale_factor},
         size=size_report(sizes, method),
     )
     write_json_atomic(output_dir / DELTA_CONFIG_NAME, meta)
