@@ -211,6 +211,8 @@ def test_default_stream_runs_without_torch(tmp_path):
         "import sys\n"
         "from hf_obliviate.cli import main\n"
         "main(['compress', '--base', sys.argv[1], '--finetuned', sys.argv[2], '--output_dir', sys.argv[3]])\n"
+        "main(['compress', '--base', sys.argv[1], '--finetuned', sys.argv[2], '--output_dir', sys.argv[3] + '-half',\n"
+        "      '--scale_factor', '0.5'])\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('no torch')\n"
     )
@@ -219,6 +221,10 @@ def test_default_stream_runs_without_torch(tmp_path):
         capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert run.returncode == 0 and "no torch" in run.stdout, run.stderr[-2000:]
+    half, whole = CompressedDelta.load(tmp_path / "np-half"), CompressedDelta.load(tmp_path / "np")
+    assert half.extra == {"scale_factor": 0.5} and whole.extra == {}
+    expected = whole.scaled(0.5).to_dense()
+    assert all(torch.equal(v, expected[k]) for k, v in half.to_dense().items())
     by_type = linear_weight_names_from_config(tmp_path / "ft")
     compress_checkpoints(tmp_path / "base", tmp_path / "ft", tmp_path / "pt", linear_names=by_type, progress=False)
     # safetensors writes its header metadata from a hash map (key order varies between processes): compare parsed
