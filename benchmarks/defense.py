@@ -2,9 +2,10 @@
 
 1. Plant each task-agnostic attack (POR, NeuBA, BadPre, UOR) into the bundled MiniLM-L6, on IMDB sentences
    (cached by config hash, so reruns skip this), plus an adaptive POR that plants under the attention penalty.
-2. Choose the defense coefficients on a validation split carved from the training sentences (never the test
-   sentences): a small grid on POR + LoRA, picking the largest validation ASR reduction whose validation CACC stays
-   within 1.5 points of the undefended run.
+2. Choose the defense coefficients and the LoRA / adapter recipe on a validation split carved from the training
+   sentences (never the test sentences): small grids on POR + LoRA; the settings whose validation CACC stays within
+   1.5 points of the undefended run also run on NeuBA + LoRA, and the setting with the lowest validation ASR averaged
+   over both attacks wins (it must keep the CACC floor on each).
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
    fine-tune on Rotten Tomatoes sentences undefended and defended, and measure CACC and ASR on the test sentences.
    Also a task-specific row (10% of the fine-tuning data poisoned) and the adaptive attack.
@@ -39,6 +40,8 @@ LEARNING_RATES = {"lora": 1e-3, "prefix": 1e-3, "adapter": 1e-3}
 GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (0.0, 3e-2))
 # The centred row's norm is smaller than the raw row's, so its grid reaches higher coefficients.
 CENTRED_GRID = ((3e-4, 3e-3), (3e-4, 1e-2), (3e-4, 3e-2))
+# The consistency variant adds a term of its own (weight 1, a KL between predictions) to the centred recipe.
+CONSISTENCY_GRID = ((3e-4, 3e-3), (3e-4, 1e-2))
 
 
 @dataclass
@@ -64,11 +67,12 @@ class Sizes:
     pefts: tuple[str, ...] = PEFTS
     grid: tuple[tuple[float, float], ...] = GRID
     centred_grid: tuple[tuple[float, float], ...] = CENTRED_GRID
+    consistency_grid: tuple[tuple[float, float], ...] = CONSISTENCY_GRID
 
 
 QUICK = Sizes(
     train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, seeds=(0,),
-    pefts=("lora",), grid=((3e-4, 3e-3),), centred_grid=((3e-4, 3e-3),),
+    pefts=("lora",), grid=((3e-4, 3e-3),), centred_grid=((3e-4, 3e-3),), consistency_grid=((3e-4, 3e-3),),
 )  # fmt: skip
 
 
@@ -95,7 +99,11 @@ VARIANTS = {
     "reference": {"attn_centre": False},  # METHOD.md §1: the raw logit row's norm
     "skip-virtual-keys": {"attn_centre": False, "attn_virtual_keys": "skip"},  # prefix tuning only
     "centred": {"attn_centre": True},  # LoRA / adapters: penalise the centred logit row (softmax ignores its mean)
+    # centred, plus KL(p(x) || p(x')) with one random short rare word inserted (the attacks' triggers left out of
+    # the words inserted, so the test measures that the insensitivity generalises to unseen triggers)
+    "consistency": {"attn_centre": True, "lambda_consistency": 1.0, "consistency_insertions": 1},
 }
+LORA_VARIANTS = ("centred", "consistency")  # variants of the LoRA / adapter recipe, each on its own validation grid
 PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
 
@@ -170,7 +178,12 @@ def run_cell(
         disable_tqdm=True,
         use_cpu=_device().type == "cpu",
     )
-    fine_tune(model, tokenizer, train, args, max_length=sizes.max_length)
+    kwargs = {}
+    if defended and VARIANTS[variant].get("lambda_consistency", 0) > 0:
+        from hf_obliviate.consistency import rare_token_pool
+
+        kwargs["consistency_pool"] = rare_token_pool(tokenizer, exclude=sorted({*triggers, *DEFAULT_TRIGGERS}))
+    fine_tune(model, tokenizer, train, args, max_length=sizes.max_length, **kwargs)
     eval_examples = load_movie_reviews(split, n=sizes.val_n if split == "validation" else sizes.eval_n, seed=0)
     eval_set = build_eval_set(eval_examples, triggers=triggers, n=None, seed=1234, spread=spread)
     targets = None
@@ -239,32 +252,72 @@ class Journal:
         return cell
 
 
-def choose_lambdas(journal: Journal, por_path: Path, sizes: Sizes) -> tuple[tuple[float, float], list[dict]]:
-    """Pick (λ_amp, λ_attn) on the validation split with POR + LoRA, seed 0."""
-    base = journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=False,
+# The recipe is chosen over both attacks whose planted backdoor works (ASR >= 0.8): POR for every setting, NeuBA for
+# the settings that keep clean accuracy on POR. Chosen on POR alone, the `centred` recipe helped POR and not NeuBA.
+VALIDATION_ENCODERS = ("por", "neuba")
+
+
+def _confirm(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
+    """Run on the other validation encoders (undefended, then each defended LoRA setting of ``tuning`` that is within
+    the CACC floor on POR and above chance) the settings POR alone cannot rule out."""
+    por_base = next(c for c in tuning if not c["defended"] and c["encoder"] == "por")
+    keep = [c for c in tuning if c["defended"] and c["encoder"] == "por" and _within_floor(c, por_base)]
+    runs = []
+    for encoder in (e for e in VALIDATION_ENCODERS[1:] if e in paths):
+        common = dict(encoder=encoder, encoder_path=paths[encoder], peft="lora", seed=0, sizes=sizes,
+                      split="validation")  # fmt: skip
+        runs.append(journal.run(defended=False, lambdas=(0.0, 0.0), **common))
+        for c in keep:
+            runs.append(journal.run(defended=True, lambdas=(c["lambda_amp"], c["lambda_attn"]),
+                                    variant=c.get("variant", "reference"), **common))  # fmt: skip
+    return runs
+
+
+def choose_lambdas(journal: Journal, paths: dict[str, Path], sizes: Sizes) -> tuple[tuple[float, float], list[dict]]:
+    """Pick (λ_amp, λ_attn) on the validation split with LoRA, seed 0: the grid on POR, confirmed on NeuBA."""
+    base = journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=False,
                        lambdas=(0.0, 0.0), sizes=sizes, split="validation")  # fmt: skip
     trials = []
     for lambdas in sizes.grid:
-        cell = journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=True,
+        cell = journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True,
                            lambdas=lambdas, sizes=sizes, split="validation")  # fmt: skip
         trials.append(cell)
-    return pick_lambdas([base, *trials]), [base, *trials]
+    tuning = [base, *trials]
+    tuning += _confirm(journal, paths, sizes, tuning)
+    return pick_lambdas(tuning), tuning
+
+
+def _within_floor(cell: dict, base: dict) -> bool:
+    return cell["cacc"] >= base["cacc"] - 0.015 and not cell["near_chance"]
 
 
 def _best_trial(tuning: list[dict]) -> tuple[dict | None, list[dict]]:
-    """Lowest validation ASR among defended runs whose validation CACC is within 1.5 points of the undefended run
-    and not at chance (``None`` when no run qualifies), and the defended runs."""
-    base = next(c for c in tuning if not c["defended"])
+    """The defended setting (recipe, λ_amp, λ_attn) with the lowest validation ASR, averaged over the encoders of
+    ``tuning`` whose undefended run is above chance, among the settings that every such encoder ran within 1.5
+    points of its undefended CACC and above chance. Returns the setting's POR run (``None`` when no setting
+    qualifies) and the defended runs."""
+    bases = {c["encoder"]: c for c in tuning if not c["defended"] and not c["near_chance"]}
     trials = [c for c in tuning if c["defended"]]
-    eligible = [c for c in trials if c["cacc"] >= base["cacc"] - 0.015 and not c["near_chance"]]
-    return (min(eligible, key=lambda c: (c["asr"], -c["cacc"])) if eligible else None), trials
+    settings: dict[tuple, dict[str, dict]] = {}
+    for c in trials:
+        settings.setdefault((c.get("variant", "reference"), c["lambda_amp"], c["lambda_attn"]), {})[c["encoder"]] = c
+    scored = []
+    for runs in settings.values():
+        if bases and all(e in runs and _within_floor(runs[e], b) for e, b in bases.items()):
+            asr = statistics.mean(runs[e]["asr"] for e in bases)
+            cacc = statistics.mean(runs[e]["cacc"] for e in bases)
+            scored.append((asr, -cacc, runs.get("por") or next(iter(runs.values()))))
+    if not scored:
+        return None, trials
+    return min(scored, key=lambda t: t[:2])[2], trials
 
 
 def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
-    """The coefficients of [`_best_trial`] on POR + LoRA (the lowest ASR overall when none qualifies)."""
+    """The coefficients of [`_best_trial`] over the reference LoRA runs (the lowest ASR overall when none
+    qualifies)."""
     tuning = [c for c in tuning if c["peft"] == "lora" and c.get("variant", "reference") == "reference"]
     best, trials = _best_trial(tuning)
-    best = best or min(trials, key=lambda c: (c["asr"], -c["cacc"]))
+    best = best or min((c for c in trials if c["encoder"] == "por"), key=lambda c: (c["asr"], -c["cacc"]))
     return best["lambda_amp"], best["lambda_attn"]
 
 
@@ -280,8 +333,8 @@ def pick_prefix_variant(tuning: list[dict], lambdas: tuple[float, float]) -> str
 
 
 def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple[str, tuple[float, float]]:
-    """The LoRA / adapter recipe: [`_best_trial`] over every LoRA validation run (the reference grid and the
-    `centred` grid); the reference at ``lambdas`` unless a variant wins."""
+    """The LoRA / adapter recipe: [`_best_trial`] over every LoRA validation run (the reference grid and each of
+    `LORA_VARIANTS`' grids); the reference at ``lambdas`` unless a variant wins."""
     lora = [c for c in tuning if c["peft"] == "lora"]
     if not any(c["defended"] and c.get("variant", "reference") != "reference" for c in lora):
         return "reference", tuple(lambdas)
@@ -292,12 +345,16 @@ def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple
 
 
 def choose_lora_variant(
-    journal: Journal, por_path: Path, sizes: Sizes, lambdas: tuple[float, float], tuning: list[dict]
+    journal: Journal, paths: dict[str, Path], sizes: Sizes, lambdas: tuple[float, float], tuning: list[dict]
 ) -> tuple[str, tuple[float, float], list[dict]]:
-    """LoRA, validation split, POR, seed 0: the `centred` variant on its own coefficient grid, against the reference
-    runs of the coefficient search (``tuning``)."""
-    runs = [journal.run(encoder="por", encoder_path=por_path, peft="lora", seed=0, defended=True, lambdas=lam,
-                        sizes=sizes, split="validation", variant="centred") for lam in sizes.centred_grid]  # fmt: skip
+    """LoRA, validation split, seed 0: each of `LORA_VARIANTS` on its own coefficient grid on POR (confirmed on
+    NeuBA), against the reference runs of the coefficient search (``tuning``)."""
+    grids = {"centred": sizes.centred_grid, "consistency": sizes.consistency_grid}
+    runs = [journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True, lambdas=lam,
+                        sizes=sizes, split="validation", variant=variant)
+            for variant in LORA_VARIANTS for lam in grids[variant]]  # fmt: skip
+    por_base = [c for c in tuning if not c["defended"] and c["encoder"] == "por"]
+    runs += [c for c in _confirm(journal, paths, sizes, por_base + runs) if c["defended"]]
     variant, chosen = pick_lora_variant(tuning + runs, lambdas)
     return variant, chosen, runs
 
@@ -322,11 +379,12 @@ def summarise(cells: list[dict]) -> list[dict]:
         if cell["split"] != "test":
             continue
         if cell["defended"]:
-            group = (cell["encoder"], cell["peft"], cell.get("variant", "reference"))
+            group = (cell["encoder"], cell["peft"], cell.get("variant", "reference"), cell["lambda_amp"],
+                     cell["lambda_attn"])  # fmt: skip
             groups.setdefault(group, {}).setdefault(True, []).append(cell)
         else:
             undefended.setdefault((cell["encoder"], cell["peft"]), []).append(cell)
-    for (encoder, peft, variant), by in groups.items():
+    for (encoder, peft, variant, lambda_amp, lambda_attn), by in groups.items():
         by[False] = undefended.get((encoder, peft), [])  # every variant is compared with the same plain runs
         paired = {c["seed"] for c in by.get(False, [])} & {c["seed"] for c in by.get(True, [])}
         und = [c for c in by.get(False, []) if c["seed"] in paired]  # seeds with both runs only: a cut-short
@@ -345,7 +403,8 @@ def summarise(cells: list[dict]) -> list[dict]:
         asr_cd = mean(d["asr"] for _, d in clean) if clean else float("nan")
         reduction_clean = (asr_cu - asr_cd) / asr_cu if clean and asr_cu > 0 else float("nan")
         rows.append({
-            "encoder": encoder, "peft": peft, "variant": variant, "metric": und[0]["metric"], "seeds": len(und),
+            "encoder": encoder, "peft": peft, "variant": variant, "lambda_amp": lambda_amp, "lambda_attn": lambda_attn,
+            "metric": und[0]["metric"], "seeds": len(und),
             "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
@@ -358,22 +417,36 @@ def summarise(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def planned_cells(sizes: Sizes, prefix_variant: str = "reference", lora_variant: str = "reference") -> int:
-    """Fine-tunes a full run makes: the coefficient search (and the LoRA and prefix-tuning variants'), then per seed
-    every encoder × PEFT type plus the task-specific and adaptive rows, each undefended and defended with the
-    reference recipe and, where one won on validation, the chosen variant."""
+def planned_cells(
+    sizes: Sizes, prefix_variant: str = "reference", lora_variant: str = "reference", confirmations: int = 0
+) -> int:
+    """Fine-tunes a full run makes: the coefficient search (and the LoRA and prefix-tuning variants'; plus the
+    ``confirmations`` on NeuBA, known once POR has run), then per seed every encoder × PEFT type plus the
+    task-specific and adaptive rows, each undefended and defended with the reference recipe and, where one won on
+    validation, the chosen variant."""
     variants = int("prefix" in sizes.pefts and prefix_variant != "reference")
     variants += sum(p != "prefix" for p in sizes.pefts) if lora_variant != "reference" else 0
     lora = "lora" in sizes.pefts and lora_variant != "reference"
     per_seed = (1 + len(sizes.attacks)) * (len(sizes.pefts) * 2 + variants) + 4 + 2 * lora
     search = (
-        len(sizes.grid) + len(sizes.centred_grid) + 1 + (1 + len(PREFIX_VARIANTS) if "prefix" in sizes.pefts else 0)
+        len(sizes.grid)
+        + len(sizes.centred_grid)
+        + len(sizes.consistency_grid)
+        + 1
+        + (1 + len(PREFIX_VARIANTS) if "prefix" in sizes.pefts else 0)
     )
-    return search + len(sizes.seeds) * per_seed
+    return search + confirmations + len(sizes.seeds) * per_seed
 
 
-def _label(r: dict) -> str:
-    return r["peft"] if r["variant"] == "reference" else f"{r['peft']} ({r['variant']})"
+def _label(r: dict, default: bool = True) -> str:
+    """The PEFT type, with the recipe and its coefficients unless the row is the default (chosen) one."""
+    if default:
+        return r["peft"]
+    return f"{r['peft']} ({r['variant']}, λ {r['lambda_amp']:g}/{r['lambda_attn']:g})"
+
+
+def _recipe(r: dict) -> tuple[str, float, float]:
+    return r["variant"], r["lambda_amp"], r["lambda_attn"]
 
 
 PLANTED_ASR = 0.8  # an attack whose undefended ASR stays below this was not planted: its row measures nothing
@@ -396,18 +469,30 @@ def write(
     lora_lambdas = tuple(lora_lambdas or lambdas)
 
     def is_default(r: dict) -> bool:  # the recipes chosen on the validation split (LoRA's also for adapters)
-        return r["variant"] == (prefix_variant if r["peft"] == "prefix" else lora_variant)
+        if r["peft"] == "prefix":
+            return _recipe(r) == (prefix_variant, *lambdas)
+        return _recipe(r) == (lora_variant, *lora_lambdas)
 
+    rows = sorted(rows, key=lambda r: not is_default(r))  # the defaults first, then the other recipes measured
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
     default = [r for r in attack_rows if is_default(r)]
     mean, counted = _mean_reduction(default)
-    mean_reference, counted_reference = _mean_reduction([r for r in attack_rows if r["variant"] == "reference"])
+    mean_reference, counted_reference = _mean_reduction(
+        [r for r in attack_rows if _recipe(r) == ("reference", *lambdas)]
+    )
+    # every other recipe measured on the test rows (e.g. earlier defaults), each over the rows it has
+    by_recipe = {}
+    for recipe in sorted({_recipe(r) for r in attack_rows if r["peft"] != "prefix"}):
+        value, counted_recipe = _mean_reduction([r for r in attack_rows if r["peft"] != "prefix" and
+                                                 _recipe(r) == recipe])  # fmt: skip
+        by_recipe[f"{recipe[0]} λ {recipe[1]:g}/{recipe[2]:g}"] = {"mean": value, "rows": len(counted_recipe)}
     summary = {
         "cells_in_mean": len(counted),
         "rows_without_a_seed_above_chance": sum(r["seeds_above_chance"] == 0 for r in default),
         "mean_asr_reduction_task_agnostic": mean,
         "mean_asr_reduction_reference_recipe": mean_reference,
         "cells_in_reference_mean": len(counted_reference),
+        "mean_asr_reduction_by_lora_adapter_recipe": by_recipe,
         "max_cacc_drop_points": round(max((-r["cacc_delta_points"] for r in rows), default=0.0), 2),
         "chosen_lambdas": {"lambda_amp": lambdas[0], "lambda_attn": lambdas[1]},
         "prefix_variant": prefix_variant,
@@ -418,14 +503,17 @@ def write(
         ),
     }
     done = cells_done if cells_done is not None else sum(r["seeds"] * 2 for r in rows) + len(tuning)
-    summary["cells_done"], summary["cells_planned"] = done, planned_cells(sizes, prefix_variant, lora_variant)
+    confirmations = sum(c["encoder"] != "por" for c in tuning)
+    summary["cells_done"] = done
+    summary["cells_planned"] = planned_cells(sizes, prefix_variant, lora_variant, confirmations)
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def cell(r: dict) -> dict:
         return {
-            "attack": r["encoder"], "peft": r["peft"], "variant": r["variant"], "seeds": r["seeds"],
+            "attack": r["encoder"], "peft": r["peft"], "variant": r["variant"], "lambda_amp": r["lambda_amp"],
+            "lambda_attn": r["lambda_attn"], "default_recipe": is_default(r), "seeds": r["seeds"],
             "metric": r["metric"],
             "cacc_plain": r["cacc_undefended"], "cacc_defended": r["cacc_defended"],
             "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
@@ -437,7 +525,7 @@ def write(
 
     payload = {
         "cells": [cell(r) for r in rows if r["encoder"] != "clean"],
-        "control": {_label(r): cell(r) for r in rows if r["encoder"] == "clean"},
+        "control": {_label(r, is_default(r)): cell(r) for r in rows if r["encoder"] == "clean"},
         "mean_asr_reduction": summary["mean_asr_reduction_task_agnostic"],
         "summary": summary,
         "tuning": tuning,
@@ -464,7 +552,7 @@ def write(
         if r["encoder"] in ATTACKS and r["seeds_above_chance"] and r["asr_undefended_above_chance"] < PLANTED_ASR:
             flag += f" ⚠ attack below {PLANTED_ASR:g} undefended: not in the mean"
         lines.append(
-            f"| {r['encoder']} | {_label(r)} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
+            f"| {r['encoder']} | {_label(r, is_default(r))} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
@@ -483,25 +571,36 @@ def write(
         f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
         f"chance ({summary['rows_without_a_seed_above_chance']} rows have none: a model at chance shows no backdoor "
         f"whether or not the defense works), and whose attack reaches ASR ≥ {PLANTED_ASR:g} undefended; the "
-        f"reference recipe everywhere: "
+        f"reference recipe at these coefficients everywhere: "
         f"{100 * (summary['mean_asr_reduction_reference_recipe'] or float('nan')):.1f}% over "
         f"{summary['cells_in_reference_mean']} rows. Largest clean-accuracy drop: "
         f"{summary['max_cacc_drop_points']:.1f} points ({summary['max_cacc_drop_points_defaults']:.1f} with the "
         "defaults).",
         "",
-        "## Validation split (POR, seed 0): coefficients on LoRA, the LoRA variant, then the prefix-tuning recipe",
+        "Every LoRA / adapter recipe measured on the test rows, mean ASR reduction over the attack rows it has: "
+        + "; ".join(
+            f"`{name}` {100 * v['mean']:.1f}% ({v['rows']} rows)" if v["mean"] is not None else f"`{name}` none"
+            for name, v in by_recipe.items()
+        )
+        + ".",
         "",
-        "| PEFT | recipe | λ_amp | λ_attn | val CACC | val ASR |",
-        "|---|---|---|---|---|---|",
+        "## Validation split (seed 0): coefficients on LoRA, the LoRA variant, then the prefix-tuning recipe",
+        "",
+        "Every setting runs on POR; those within 1.5 points of the undefended CACC there also run on NeuBA, and a "
+        "setting is chosen by its mean ASR over both (it must stay within the floor on each).",
+        "",
+        "| encoder | PEFT | recipe | λ_amp | λ_attn | val CACC | val ASR |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c['peft']} | {c.get('variant', 'reference') if c['defended'] else 'undefended'} | {c['lambda_amp']:g} | "
+        f"| {c['encoder']} | {c['peft']} | {c.get('variant', 'reference') if c['defended'] else 'undefended'} | "
+        f"{c['lambda_amp']:g} | "
         f"{c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f}{' ⚠ near chance' if c['near_chance'] else ''} |"
         for c in tuning
     ]
     lines += ["", f"Regenerate: `{meta['command']}`."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot(rows, out.with_suffix(".png"))
+    _plot([r for r in rows if is_default(r)], out.with_suffix(".png"))
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -601,12 +700,13 @@ def main() -> None:
     if args.lambdas:
         lambdas, tuning = tuple(args.lambdas), []
     else:
-        lambdas, tuning = choose_lambdas(journal, encoder_path("por"), sizes)
+        validation_paths = {e: encoder_path(e) for e in VALIDATION_ENCODERS if e == "por" or e in sizes.attacks}
+        lambdas, tuning = choose_lambdas(journal, validation_paths, sizes)
     print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
     lora_variant, lora_lambdas = "reference", lambdas
     if "lora" in sizes.pefts and not args.lambdas:
         lora_variant, lora_lambdas, lora_tuning = choose_lora_variant(
-            journal, encoder_path("por"), sizes, lambdas, tuning
+            journal, validation_paths, sizes, lambdas, tuning
         )
         tuning += lora_tuning
         print(f"LoRA / adapter recipe: {lora_variant} at λ={lora_lambdas}", flush=True)

@@ -113,7 +113,8 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
     assert data["mean_asr_reduction"] == pytest.approx((0.5 + 0.75) / 2)
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
     assert data["summary"]["cells_done"] == 14
-    assert "| por | prefix (skip-virtual-keys) |" in out.with_suffix(".md").read_text()
+    # the chosen prefix recipe is the plain `prefix` row; the other recipe is named with its coefficients
+    assert "| por | prefix | 0.660 | 0.650 |" in table and "| por | prefix (reference, λ 0.0003/0.003) |" in table
 
 
 def test_lora_variant_is_chosen_on_validation_and_the_mean_uses_it(tmp_path):
@@ -147,4 +148,69 @@ def test_lora_variant_is_chosen_on_validation_and_the_mean_uses_it(tmp_path):
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx((0.4 + 0.1) / 2)
     assert data["summary"]["lora_variant"] == "centred" and data["summary"]["max_cacc_drop_points_defaults"] == 2.0
     table = out.with_suffix(".md").read_text()
-    assert "| por | lora (centred) |" in table and "| por | lora |" in table and "`centred` recipe" in table
+    assert "| por | lora (reference, λ 0.0003/0.003) |" in table and "| por | lora |" in table
+    assert "`centred` recipe" in table and "`reference λ 0.0003/0.003` 25.0% (2 rows)" in table
+    assert data["summary"]["mean_asr_reduction_by_lora_adapter_recipe"]["centred λ 0.0003/0.003"]["rows"] == 2
+
+
+def test_rows_of_one_recipe_at_other_coefficients_stay_apart(tmp_path):
+    """A recipe run at two coefficient settings (e.g. the defaults before and after a new validation choice) gives
+    two rows: the chosen one plain, the other named with its λ; neither is averaged into the other."""
+    defense = _defense_module()
+    old = {**_cell("lora", True, 0.70, 0.6), "lambda_amp": 3e-4}
+    new = {**_cell("lora", True, 0.70, 0.2), "lambda_amp": 0.0}
+    rows = defense.summarise([_cell("lora", False, 0.72, 1.0), old, new])
+    assert sorted((r["lambda_amp"], r["asr_defended"]) for r in rows) == [(0.0, 0.2), (3e-4, 0.6)]
+    out = tmp_path / "defense"
+    defense.write(out, rows, [], (0.0, 3e-3), defense.Sizes(), "cpu", 1.0, cells_done=3)
+    table = out.with_suffix(".md").read_text()
+    assert "| por | lora | 0.720 | 0.700 | -2.0 | 1.000 | 0.200 | 80.0% |" in table
+    assert "| por | lora (reference, λ 0.0003/0.003) |" in table
+    assert json.loads(out.with_suffix(".json").read_text())["mean_asr_reduction"] == pytest.approx(0.8)
+
+
+def test_consistency_variant_competes_on_validation():
+    """The `consistency` recipe (centred + the rare-word consistency term) is one more LoRA / adapter candidate: it
+    wins only with a lower validation ASR inside the CACC floor."""
+    defense = _defense_module()
+    assert "consistency" in defense.LORA_VARIANTS and defense.VARIANTS["consistency"]["lambda_consistency"] > 0
+    val = [
+        _cell("lora", False, 0.745, 0.9, "validation"), _cell("lora", True, 0.745, 0.34, "validation"),
+        _cell("lora", True, 0.73, 0.25, "validation", variant="centred"),
+        {**_cell("lora", True, 0.735, 0.10, "validation", variant="consistency"), "lambda_attn": 1e-2},
+    ]  # fmt: skip
+    assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("consistency", (3e-4, 1e-2))
+    val[-1] = {**val[-1], "cacc": 0.72}  # 2.5 points below the undefended run: not eligible
+    assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    assert defense.planned_cells(defense.QUICK) > defense.planned_cells(
+        defense.Sizes(consistency_grid=(), centred_grid=defense.QUICK.centred_grid, grid=defense.QUICK.grid,
+                      seeds=defense.QUICK.seeds, pefts=defense.QUICK.pefts)
+    )  # fmt: skip
+
+
+def test_recipe_is_chosen_over_por_and_neuba_on_validation():
+    """A setting must keep clean accuracy on both validation encoders and wins by its mean ASR over them: the recipe
+    POR alone prefers can lose once NeuBA is counted. A NeuBA run at chance undefended shows nothing and is ignored;
+    a setting NeuBA never ran (outside the floor on POR) cannot win."""
+    defense = _defense_module()
+    por = [
+        _cell("lora", False, 0.745, 0.9, "validation"), _cell("lora", True, 0.745, 0.34, "validation"),
+        _cell("lora", True, 0.73, 0.25, "validation", variant="centred"),
+    ]  # fmt: skip
+    neuba = [
+        _cell("lora", False, 0.60, 1.0, "validation", encoder="neuba"),
+        _cell("lora", True, 0.60, 0.6, "validation", encoder="neuba"),
+        _cell("lora", True, 0.60, 1.0, "validation", variant="centred", encoder="neuba"),
+    ]
+    assert defense.pick_lora_variant(por, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    assert defense.pick_lora_variant(por + neuba, (3e-4, 3e-3)) == ("reference", (3e-4, 3e-3))
+    best, _ = defense._best_trial(por + neuba)
+    assert best["encoder"] == "por" and best["variant"] == "reference"
+    at_chance = [{**neuba[0], "near_chance": True}, *neuba[1:]]
+    assert defense.pick_lora_variant(por + at_chance, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    collapsed = [*neuba[:2], {**neuba[2], "cacc": 0.5, "asr": 0.0}]  # outside the floor on NeuBA
+    assert defense.pick_lora_variant(por + collapsed, (3e-4, 3e-3)) == ("reference", (3e-4, 3e-3))
+    missing = neuba[:2]  # centred never ran on NeuBA: it cannot be chosen
+    assert defense.pick_lora_variant(por + [{**missing[0]}, {**missing[1], "asr": 0.99}], (3e-4, 3e-3)) == (
+        "reference", (3e-4, 3e-3),
+    )  # fmt: skip
