@@ -9,10 +9,11 @@ from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
 __all__ = ["DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "ObliviateConfig"]
 
-# Defaults measured on the bundled MiniLM-L6 (METHOD.md §6): the paper's RoBERTa-base coefficients (3e-3, 3e-2)
-# collapse MiniLM to one class; (3e-4, 3e-3) keeps clean accuracy and cuts a POR backdoor's ASR most. The attack
-# benchmark (benchmarks/defense.py) refines them on a validation split.
-DEFAULT_LAMBDA_AMP = 3e-4
+# Defaults chosen on the validation split of the attack benchmark (benchmarks/defense.py: POR and NeuBA planted in
+# the bundled MiniLM-L6, LoRA): the paper's RoBERTa-base coefficients (3e-3, 3e-2) collapse MiniLM to one class
+# (METHOD.md §6); λ_attn = 3e-3 keeps clean accuracy, and the amplification term did not lower the ASR averaged over
+# both attacks there (POR 0.367 -> 0.336 with λ_amp = 3e-4, NeuBA 0.500 -> 0.690), so it is off by default.
+DEFAULT_LAMBDA_AMP = 0.0
 DEFAULT_LAMBDA_ATTN = 3e-3
 
 
@@ -26,9 +27,10 @@ class ObliviateConfig:
     Args:
         obliviate (`bool`, *optional*, defaults to `True`):
             Turn the defense on. With `False` training is plain PEFT training.
-        lambda_amp (`float`, *optional*, defaults to 3e-4):
+        lambda_amp (`float`, *optional*, defaults to 0.0):
             Weight of the amplification term ``−Σ‖θ‖₂`` over the PEFT tensors. The paper uses 3e-3 on
-            RoBERTa-base; that collapses the small MiniLM-L6 (METHOD.md §6).
+            RoBERTa-base; that collapses the small MiniLM-L6 (METHOD.md §6), and on our validation split (POR and
+            NeuBA, MiniLM-L6 + LoRA) 3e-4 did not help, so the term is off by default: set e.g. 3e-4 to use it.
         lambda_attn (`float`, *optional*, defaults to 3e-3):
             Weight of the pre-softmax attention-logit penalty on the summary query rows (paper: 3e-2).
         amp_norm_cap (`float`, *optional*):
@@ -40,12 +42,13 @@ class ObliviateConfig:
             Prefix tuning's virtual keys in the penalised row norm: `"count"` (METHOD.md §1, the reference recipe)
             or `"skip"` (the named variant for prefix tuning: the prefix keys are its only lever on the model, and
             penalising them collapsed it to chance in `benchmarks/defense.py`). Other PEFT types have no virtual keys.
-        attn_centre (`bool`, *optional*):
+        attn_centre (`bool`, *optional*, defaults to `False`):
             Penalise the *centred* logit row ``‖S − mean S‖₂`` (the named variant `centred`): softmax ignores a
-            row's mean, so the reference norm (`False`, METHOD.md §1) also spends its pull on a shift that changes no
-            attention weight. `None` (default): centred where the penalised query is one summary row per example
-            (encoders, sequence classification: it won on the validation split of `benchmarks/defense.py`), the
-            reference norm for SFT completion rows. `True` with completion rows raises.
+            row's mean, so the reference norm (`False`, the default, METHOD.md §1) also spends its pull on a shift
+            that changes no attention weight. `None`: centred where the penalised query is one summary row per
+            example (encoders, sequence classification), the reference norm for SFT completion rows. `True` with
+            completion rows raises. On the validation split of `benchmarks/defense.py` it helped POR and not
+            NeuBA, so it is not the default.
         lambda_consistency (`float`, *optional*, defaults to 0.0):
             Weight of the trigger-agnostic consistency term (the named variant `consistency`, see
             :mod:`hf_obliviate.consistency`): ``KL(p(x) ‖ p(x'))`` between the model's prediction on a batch and on a
@@ -68,7 +71,10 @@ class ObliviateConfig:
     obliviate: bool = field(default=True, metadata={"help": "Turn the Obliviate defense on (False: plain PEFT)."})
     lambda_amp: float = field(
         default=DEFAULT_LAMBDA_AMP,
-        metadata={"help": "Weight of the amplification term -sum ||theta||_2 over the PEFT tensors (paper: 3e-3)."},
+        metadata={
+            "help": "Weight of the amplification term -sum ||theta||_2 over the PEFT tensors (paper: 3e-3; off by "
+            "default: it did not help on the MiniLM validation split)."
+        },
     )
     lambda_attn: float = field(
         default=DEFAULT_LAMBDA_ATTN,
@@ -87,10 +93,10 @@ class ObliviateConfig:
         metadata={"help": "Prefix tuning's virtual keys in the attention penalty: count (reference) or skip."},
     )
     attn_centre: bool | None = field(
-        default=None,
+        default=False,
         metadata={
-            "help": "Penalise the centred logit row ||S - mean S|| (softmax ignores the mean). Default (None): "
-            "centred for one summary row per example (encoders), the reference norm for SFT completion rows."
+            "help": "Penalise the centred logit row ||S - mean S|| (softmax ignores the mean; default False: the "
+            "reference norm). None: centred for one summary row per example (encoders), else the reference norm."
         },
     )
     lambda_consistency: float = field(

@@ -124,8 +124,8 @@ class ObliviateDefense:
         self.config = config.obliviate_config()
         self.parameter_names: list[str] = []
         self.parameters: list[nn.Parameter] = []
+        named = tuner_parameters(model)  # also with lambda_amp = 0: the defense is for PEFT models, say so early
         if self.config.lambda_amp > 0:
-            named = tuner_parameters(model)
             self.parameter_names = [n for n, _ in named]
             self.parameters = [p for _, p in named]
         self.capture: AttentionLogitCapture | None = None
