@@ -193,6 +193,16 @@ class _Workbench:
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.work = copy.deepcopy(base).eval()
         self._dedup = dedup_state_dict
+        self.memo: dict[str, Any] = {}  # compressed deltas and measurements shared by the variants and the curve
+
+    def delta(self, method: str, non_linear: str = "dense", **kw):
+        """The compressed delta of the fine-tune (computed once per setting)."""
+        from hf_obliviate.delta import compress_model
+
+        key = json.dumps([method, non_linear, kw], sort_keys=True)
+        if key not in self.memo:
+            self.memo[key] = compress_model(self.base, self.ft, method, non_linear=non_linear, progress=False, **kw)
+        return self.memo[key]
 
     def reset(self) -> torch.nn.Module:
         self.work.load_state_dict(self.base_state)
@@ -483,13 +493,18 @@ SHRINK_SETTINGS = ("n_val", "shrink_grid", "shrink_max_utility_loss")
 
 
 def choose_shrink_factor(
-    fine_tuned: torch.nn.Module, shrunk: Callable[[float], torch.nn.Module], config: FreeLunchConfig, tokenizer
+    fine_tuned: torch.nn.Module,
+    shrunk: Callable[[float], torch.nn.Module],
+    config: FreeLunchConfig,
+    tokenizer,
+    reference: float | None = None,
 ) -> tuple[float, dict]:
     """The smallest factor of ``config.shrink_grid`` (walked from the largest down, stopping at the first miss) whose
     model ``shrunk(factor)`` keeps clean accuracy on ``config.n_val`` validation prompts within
     ``shrink_max_utility_loss`` (relative) of the fine-tune's; 1.0 when none does. Uses clean prompts only: the choice
     knows no trigger, as a defender would not. Every factor of the grid is measured (so the record shows what any
-    other budget would have chosen); returns ``(factor, record)``."""
+    other budget would have chosen); returns ``(factor, record)``. ``reference``: the fine-tune's validation
+    accuracy when already measured on the same prompts (it is measured otherwise)."""
     from .scoring import teacher_forced_hits
 
     val = sentiment_eval_set(
@@ -501,7 +516,7 @@ def choose_shrink_factor(
         hits = teacher_forced_hits(model, tokenizer, prompts, answers)
         return sum(hits) / len(hits)
 
-    reference = accuracy(fine_tuned)
+    reference = accuracy(fine_tuned) if reference is None else reference
     curve = {str(g): accuracy(shrunk(g)) for g in config.shrink_grid}
     factor = pick_shrink_factor(curve, reference, config.shrink_max_utility_loss)
     record = {
@@ -529,7 +544,6 @@ def shrink_curve(bench, config: FreeLunchConfig, tokenizer, sentiment: list[dict
     """Clean accuracy and target ASR on the *test* prompts at every factor (1.0 and ``config.shrink_grid``) for the
     shrunk k=1 B delta and the shrunk exact linear delta: a description of the trade-off (the factor itself is chosen
     on validation prompts by [`choose_shrink_factor`])."""
-    from hf_obliviate.delta import compress_model
 
     from .scoring import teacher_forced_hits
 
@@ -541,7 +555,7 @@ def shrink_curve(bench, config: FreeLunchConfig, tokenizer, sentiment: list[dict
         hit = teacher_forced_hits(model, tokenizer, triggered, [config.target] * len(triggered))
         return {"utility": sum(acc) / len(acc), "target_asr": sum(hit) / len(hit)}
 
-    delta = compress_model(bench.base, bench.ft, "bitdelta", non_linear="revert", progress=False, k=1)
+    delta = bench.delta("bitdelta", "revert", k=1)  # the shrunk variant's delta (shared when it ran first)
     factors = [1.0, *config.shrink_grid]
     return {
         "n_test": len(sentiment),
@@ -556,15 +570,10 @@ def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, whi
 
     ``which``: ``"all"`` (the main stage; ``group`` is ``"core"`` or ``"extra"``, run last), ``"robust"`` (k=1 A,
     B and B + consistency distillation) or ``"k1"`` (k=1 A and B)."""
-    from hf_obliviate.delta import DistillConfig, RareTokenInsertion, compress_model, distill_scales
+    from hf_obliviate.delta import DistillConfig, RareTokenInsertion, distill_scales
 
-    memo: dict[str, Any] = {}
-
-    def delta(method: str, non_linear: str = "dense", **kw):
-        key = json.dumps([method, non_linear, kw], sort_keys=True)
-        if key not in memo:
-            memo[key] = compress_model(bench.base, bench.ft, method, non_linear=non_linear, progress=False, **kw)
-        return memo[key]
+    memo = bench.memo
+    delta = bench.delta
 
     def calibration():
         if "calib" not in memo:
@@ -614,14 +623,18 @@ def _variant_builders(bench: _Workbench, config: FreeLunchConfig, tokenizer, whi
     def shrunk(non_linear: str):
         def build():
             d = delta("bitdelta", non_linear, k=1)
-            factor, curve = choose_shrink_factor(bench.ft, lambda g: bench.with_delta(d.scaled(g)), config, tokenizer)
+            factor, curve = choose_shrink_factor(
+                bench.ft, lambda g: bench.with_delta(d.scaled(g)), config, tokenizer, memo.get("val_reference")
+            )
+            memo["val_reference"] = curve["fine_tuned_accuracy"]
             extra = {**bits(d), "scale_factor": factor, "shrink_validation": curve}
             return bench.with_delta(d.scaled(factor)), extra
 
         return build
 
     def shrunk_exact():
-        factor, curve = choose_shrink_factor(bench.ft, bench.linear_only, config, tokenizer)
+        factor, curve = choose_shrink_factor(bench.ft, bench.linear_only, config, tokenizer, memo.get("val_reference"))
+        memo["val_reference"] = curve["fine_tuned_accuracy"]
         return bench.linear_only(factor), {"compressed": True, "scale_factor": factor, "shrink_validation": curve}
 
     def baseline(method: str, **kw):
