@@ -417,25 +417,33 @@ def summarise(cells: list[dict]) -> list[dict]:
     return rows
 
 
-def planned_cells(
-    sizes: Sizes, prefix_variant: str = "reference", lora_variant: str = "reference", confirmations: int = 0
-) -> int:
-    """Fine-tunes a full run makes: the coefficient search (and the LoRA and prefix-tuning variants'; plus the
-    ``confirmations`` on NeuBA, known once POR has run), then per seed every encoder × PEFT type plus the
-    task-specific and adaptive rows, each undefended and defended with the reference recipe and, where one won on
-    validation, the chosen variant."""
-    variants = int("prefix" in sizes.pefts and prefix_variant != "reference")
-    variants += sum(p != "prefix" for p in sizes.pefts) if lora_variant != "reference" else 0
-    lora = "lora" in sizes.pefts and lora_variant != "reference"
-    per_seed = (1 + len(sizes.attacks)) * (len(sizes.pefts) * 2 + variants) + 4 + 2 * lora
-    search = (
-        len(sizes.grid)
-        + len(sizes.centred_grid)
-        + len(sizes.consistency_grid)
-        + 1
-        + (1 + len(PREFIX_VARIANTS) if "prefix" in sizes.pefts else 0)
-    )
-    return search + confirmations + len(sizes.seeds) * per_seed
+def recipes_for(
+    peft: str, lambdas, prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None
+) -> list[tuple[str, tuple[float, float]]]:
+    """The defended runs of a test cell: the reference recipe at ``lambdas`` and, when one won on the validation
+    split, the variant chosen for the PEFT type (prefix tuning's own; LoRA's also for adapters). Both stay in the
+    table."""
+    lambdas = tuple(lambdas)
+    chosen = (prefix_variant, lambdas) if peft == "prefix" else (lora_variant, tuple(lora_lambdas or lambdas))
+    return [("reference", lambdas)] + ([chosen] if chosen[0] != "reference" else [])
+
+
+def planned_test_keys(
+    sizes: Sizes, lambdas, prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None
+) -> set[tuple]:
+    """The journal keys of the test fine-tunes a full run makes with these choices: per seed every encoder (clean
+    control and each attack) × PEFT type plus the task-specific and adaptive LoRA rows, undefended and with each of
+    [`recipes_for`]. Cells of earlier choices (other coefficients or recipes) stay in the journal and the tables but
+    are not part of the plan."""
+    keys = set()
+    rows = [(e, p) for e in ("clean", *sizes.attacks) for p in sizes.pefts]
+    rows += [("task-specific", "lora"), ("adaptive-por", "lora")]
+    for seed in sizes.seeds:
+        for encoder, peft in rows:
+            keys.add((encoder, peft, seed, False, 0.0, 0.0, "test", "reference"))
+            for variant, (amp, attn) in recipes_for(peft, lambdas, prefix_variant, lora_variant, lora_lambdas):
+                keys.add((encoder, peft, seed, True, amp, attn, "test", variant))
+    return keys
 
 
 def _label(r: dict, default: bool = True) -> str:
@@ -464,7 +472,7 @@ def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
 def write(
     out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float, *,
     prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None,
-    cells_done: int | None = None,
+    cells: list[dict] | None = None,
 ) -> None:  # fmt: skip
     lora_lambdas = tuple(lora_lambdas or lambdas)
 
@@ -502,10 +510,10 @@ def write(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
     }
-    done = cells_done if cells_done is not None else sum(r["seeds"] * 2 for r in rows) + len(tuning)
-    confirmations = sum(c["encoder"] != "por" for c in tuning)
-    summary["cells_done"] = done
-    summary["cells_planned"] = planned_cells(sizes, prefix_variant, lora_variant, confirmations)
+    planned = planned_test_keys(sizes, lambdas, prefix_variant, lora_variant, lora_lambdas)
+    done = planned & {_key(c) for c in cells or []}
+    summary["test_cells_done"], summary["test_cells_planned"] = len(done), len(planned)
+    summary["validation_cells"] = len(tuning)
     meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
             "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -556,11 +564,12 @@ def write(
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
-    if summary["cells_done"] < summary["cells_planned"]:
+    if summary["test_cells_done"] < summary["test_cells_planned"]:
         lines += [
             "",
-            f"**Incomplete run: {summary['cells_done']} of {summary['cells_planned']} planned fine-tunes are in these "
-            "tables** (a row appears once a seed has both its undefended and defended run). `--resume` continues it.",
+            f"**Incomplete run: {summary['test_cells_done']} of the {summary['test_cells_planned']} test fine-tunes "
+            "of the current plan are in these tables** (a row appears once a seed has both its undefended and "
+            "defended run; rows of earlier recipe choices are kept beside them). `--resume` continues it.",
         ]
     lines += [
         "",
@@ -685,7 +694,7 @@ def main() -> None:
         lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
         write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
               prefix_variant=pick_prefix_variant(tuning, lambdas), lora_variant=lora_variant,
-              lora_lambdas=lora_lambdas, cells_done=len(cells))  # fmt: skip
+              lora_lambdas=lora_lambdas, cells=cells)  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has
@@ -717,10 +726,7 @@ def main() -> None:
         print(f"prefix tuning recipe: {prefix_variant}", flush=True)
 
     def recipes(peft: str) -> list[tuple[str, tuple[float, float]]]:
-        """The defended runs of a cell: the reference recipe and, when one won on the validation split, the variant
-        chosen for the PEFT type (prefix tuning's own; LoRA's also for adapters). Both stay in the table."""
-        chosen = (prefix_variant, lambdas) if peft == "prefix" else (lora_variant, lora_lambdas)
-        return [("reference", lambdas)] + ([chosen] if chosen[0] != "reference" else [])
+        return recipes_for(peft, lambdas, prefix_variant, lora_variant, lora_lambdas)
 
     first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
     encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
@@ -747,7 +753,7 @@ def main() -> None:
         journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
     write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start, prefix_variant=prefix_variant,
-          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells_done=len(journal.cells))  # fmt: skip
+          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=list(journal.cells.values()))  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 
 

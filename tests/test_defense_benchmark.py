@@ -104,7 +104,7 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
     assert lora["asr_reduction"] == pytest.approx(0.65) and lora["asr_reduction_above_chance"] == pytest.approx(0.5)
     out = tmp_path / "defense"
     defense.write(out, rows, val, (3e-4, 3e-3), defense.Sizes(), "cpu", 60.0, prefix_variant="skip-virtual-keys",
-                  cells_done=len(test) + len(val))  # fmt: skip
+                  cells=test + val)  # fmt: skip
     assert "| por | lora | 0.610 | 0.700 |" in out.with_suffix(".md").read_text()
     assert "1 of 2 seeds at chance" in out.with_suffix(".md").read_text()
     table = out.with_suffix(".md").read_text()
@@ -112,7 +112,7 @@ def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["mean_asr_reduction"] == pytest.approx((0.5 + 0.75) / 2)
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx(0.5)  # the collapse is left out
-    assert data["summary"]["cells_done"] == 14
+    assert data["summary"]["validation_cells"] == 5 and data["summary"]["test_cells_done"] == 9
     # the chosen prefix recipe is the plain `prefix` row; the other recipe is named with its coefficients
     assert "| por | prefix | 0.660 | 0.650 |" in table and "| por | prefix (reference, λ 0.0003/0.003) |" in table
 
@@ -142,7 +142,7 @@ def test_lora_variant_is_chosen_on_validation_and_the_mean_uses_it(tmp_path):
     rows = defense.summarise(test)
     out = tmp_path / "defense"
     defense.write(out, rows, val, lambdas, defense.Sizes(), "cpu", 60.0, lora_variant="centred",
-                  lora_lambdas=(3e-4, 3e-3), cells_done=len(test) + len(val))  # fmt: skip
+                  lora_lambdas=(3e-4, 3e-3), cells=test + val)  # fmt: skip
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["mean_asr_reduction"] == pytest.approx((0.8 + 0.5) / 2)  # the centred rows
     assert data["summary"]["mean_asr_reduction_reference_recipe"] == pytest.approx((0.4 + 0.1) / 2)
@@ -162,11 +162,14 @@ def test_rows_of_one_recipe_at_other_coefficients_stay_apart(tmp_path):
     rows = defense.summarise([_cell("lora", False, 0.72, 1.0), old, new])
     assert sorted((r["lambda_amp"], r["asr_defended"]) for r in rows) == [(0.0, 0.2), (3e-4, 0.6)]
     out = tmp_path / "defense"
-    defense.write(out, rows, [], (0.0, 3e-3), defense.Sizes(), "cpu", 1.0, cells_done=3)
+    test = [_cell("lora", False, 0.72, 1.0), old, new]
+    defense.write(out, rows, [], (0.0, 3e-3), defense.Sizes(), "cpu", 1.0, cells=test)
     table = out.with_suffix(".md").read_text()
     assert "| por | lora | 0.720 | 0.700 | -2.0 | 1.000 | 0.200 | 80.0% |" in table
     assert "| por | lora (reference, λ 0.0003/0.003) |" in table
-    assert json.loads(out.with_suffix(".json").read_text())["mean_asr_reduction"] == pytest.approx(0.8)
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["mean_asr_reduction"] == pytest.approx(0.8)
+    assert data["summary"]["test_cells_done"] == 2  # the old coefficients' cell is kept but not part of the plan
 
 
 def test_consistency_variant_competes_on_validation():
@@ -182,10 +185,11 @@ def test_consistency_variant_competes_on_validation():
     assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("consistency", (3e-4, 1e-2))
     val[-1] = {**val[-1], "cacc": 0.72}  # 2.5 points below the undefended run: not eligible
     assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
-    assert defense.planned_cells(defense.QUICK) > defense.planned_cells(
-        defense.Sizes(consistency_grid=(), centred_grid=defense.QUICK.centred_grid, grid=defense.QUICK.grid,
-                      seeds=defense.QUICK.seeds, pefts=defense.QUICK.pefts)
-    )  # fmt: skip
+    sizes = defense.Sizes(seeds=(0,), attacks=("por",), pefts=("lora", "adapter"))
+    plain = defense.planned_test_keys(sizes, (0.0, 3e-3))
+    assert len(plain) == (2 * 2 + 2) * 2  # (clean, por) x 2 PEFT types + task-specific + adaptive; und. + def.
+    chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
+    assert len(chosen) == len(plain) + 6 and ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency") in chosen
 
 
 def test_recipe_is_chosen_over_por_and_neuba_on_validation():
