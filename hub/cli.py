@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hf_obliviate.delta.format import check_scale_factor
+
 __all__ = [
     "CompressConfig",
     "PullConfig",
@@ -36,10 +38,12 @@ def _validate_method(cfg) -> None:
         raise ValueError(f"--method must be one of {_METHODS}, got {cfg.method!r}.")
     if cfg.k < 1:
         raise ValueError(f"--k must be >= 1 (1 is plain BitDelta, the safe default), got {cfg.k}.")
-    if not 0 <= cfg.scale_factor < float("inf"):
+    try:
+        check_scale_factor(cfg.scale_factor)
+    except ValueError:
         raise ValueError(
             f"--scale_factor must be a finite number >= 0 (1: the delta as compressed), got {cfg.scale_factor}."
-        )
+        ) from None
     if cfg.scale_factor != 1.0 and cfg.method != "bitdelta":
         raise ValueError(f"--scale_factor shrinks a BitDelta delta: use --method bitdelta (got {cfg.method!r}).")
     if cfg.non_linear not in ("dense", "revert"):

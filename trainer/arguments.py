@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.delta.format import check_scale_factor
 
 __all__ = ["DeltaPushArguments", "ObliviateTrainingArguments"]
 
@@ -67,11 +68,13 @@ class DeltaPushArguments:
             )
         if self.delta_k < 1:
             raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
-        if not (isinstance(self.delta_scale_factor, (int, float)) and 0 <= self.delta_scale_factor < float("inf")):
+        try:
+            check_scale_factor(self.delta_scale_factor)
+        except ValueError:
             raise ValueError(
                 f"delta_scale_factor must be a finite number >= 0 (1: the delta as compressed), got "
                 f"{self.delta_scale_factor!r}."
-            )
+            ) from None
         if self.delta_distill_steps < 0:
             raise ValueError(f"delta_distill_steps must be >= 0, got {self.delta_distill_steps}.")
         if self.delta_calibration_sequences < 1 or self.delta_calibration_seq_len < 2:
