@@ -41,12 +41,14 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .losses import attention_logit_loss
 
 __all__ = [
     "QUERY_MODES",
@@ -238,10 +240,11 @@ class CaptureRecord:
         self._finalize()
         return self._layers
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, layer_weights: Sequence[float] | None = None) -> torch.Tensor:
         """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` (METHOD.md §1); with several rows q* per
         example (completion tokens) their norms are averaged per example first. With ``centre=True`` each row's mean
-        over its counted keys is subtracted first."""
+        over its counted keys is subtracted first. ``layer_weights``: a weighted mean over the layers instead
+        (:func:`hf_obliviate.losses.attention_logit_loss`)."""
         self._finalize()
         if not self._layers:
             raise AttentionCaptureError(
@@ -249,8 +252,10 @@ class CaptureRecord:
                 "through transformers' AttentionInterface (or the forward ran outside `record()`). Use a model "
                 "whose attention supports `attn_implementation` switching, or set `lambda_attn=0`."
             )
+        if layer_weights is not None:
+            return attention_logit_loss([layer.norm for layer in self._layers], layer_weights)
         if self._loss is None:
-            self._loss = torch.stack([layer.norm for layer in self._layers]).mean()
+            self._loss = attention_logit_loss([layer.norm for layer in self._layers])
         return self._loss
 
     def _finalize(self) -> None:

@@ -37,7 +37,13 @@ class ObliviateConfig:
             Stop pushing a PEFT tensor once its norm exceeds this cap (bounds the amplification term).
         attn_query (`str`, *optional*, defaults to `"auto"`):
             Query rows penalised: `"auto"` (position 0 for encoders, the last non-pad token for causal models,
-            completion tokens in SFT), `"first"`, `"last"` or `"rows"`.
+            completion tokens in SFT), `"first"`, `"last"` or `"rows"` (SFT: the completion tokens; a classifier
+            under `ObliviateTrainer`: every non-pad token's row).
+        attn_layer_weights (`list[float]`, *optional*):
+            One weight (>= 0) per attention layer, first layer first: the attention term becomes the weighted mean
+            ``Σ_ℓ w_ℓ n_ℓ / Σ_ℓ w_ℓ`` of the layers' row norms. `None` (default) is METHOD.md's plain mean. The
+            named variant `late-layers` of `benchmarks/defense.py` weighs only the last half of MiniLM's layers,
+            where a POR trigger draws the [CLS] row's attention.
         attn_virtual_keys (`str`, *optional*, defaults to `"count"`):
             Prefix tuning's virtual keys in the penalised row norm: `"count"` (METHOD.md §1, the reference recipe)
             or `"skip"` (the named variant for prefix tuning: the prefix keys are its only lever on the model, and
@@ -86,7 +92,18 @@ class ObliviateConfig:
         default=None, metadata={"help": "Stop pushing a PEFT tensor once its norm exceeds this cap."}
     )
     attn_query: str = field(
-        default="auto", metadata={"help": "Query rows penalised: auto, first, last or rows (completion tokens)."}
+        default="auto",
+        metadata={
+            "help": "Query rows penalised: auto, first, last or rows (SFT: completion tokens; classifiers: every "
+            "real token)."
+        },
+    )
+    attn_layer_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "One weight per attention layer (first layer first) for the attention term: a weighted mean of "
+            "the layers' row norms instead of the plain mean (None: the plain mean, METHOD.md)."
+        },
     )
     attn_virtual_keys: str = field(
         default="count",
@@ -142,6 +159,18 @@ class ObliviateConfig:
             )
         if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
             raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
+        if self.attn_layer_weights is not None:
+            weights = list(self.attn_layer_weights)
+            if (
+                not weights
+                or any(not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0 for w in weights)
+                or not any(w > 0 for w in weights)
+            ):
+                raise ValueError(
+                    f"attn_layer_weights must be finite numbers >= 0, one per attention layer and not all 0, got "
+                    f"{self.attn_layer_weights!r} (None weighs every layer alike)."
+                )
+            self.attn_layer_weights = [float(w) for w in weights]
         if self.attn_centre not in (True, False, None):
             raise ValueError(f"attn_centre must be True, False or None (auto), got {self.attn_centre!r}.")
         if not 0.0 <= self.peft_dropout < 1.0:

@@ -49,7 +49,7 @@ class DefenseStep:
         if config.lambda_attn > 0:
             if self.record is None:
                 raise AttentionCaptureError("terms() called before a forward pass ran inside `defense.track()`.")
-            out["loss_attn"] = self.record.loss()
+            out["loss_attn"] = self.record.loss(config.attn_layer_weights)
         if config.lambda_consistency > 0:
             if self.consistency is None:
                 raise ValueError(

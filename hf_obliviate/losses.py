@@ -68,11 +68,34 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return param
 
 
-def attention_logit_loss(layer_norms: Sequence[torch.Tensor]) -> torch.Tensor:
+def attention_logit_loss(
+    layer_norms: Sequence[torch.Tensor], layer_weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """``L_attn = (1/|layers|) Σ_ℓ mean_{b,h} ‖S^ℓ_{b,h,q*,:} ⊙ m_b‖₂`` from per-layer means already taken over b, h.
 
     ``layer_norms`` are the per-layer scalars that :class:`hf_obliviate.capture.AttentionLogitCapture` records.
+    ``layer_weights`` (one per layer, in call order, ``>= 0``) turn the mean into the weighted mean
+    ``Σ_ℓ w_ℓ n_ℓ / Σ_ℓ w_ℓ`` (``None``: METHOD.md's uniform mean).
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.losses import attention_logit_loss
+    >>> norms = [torch.tensor(2.0), torch.tensor(4.0)]
+    >>> attention_logit_loss(norms).item(), attention_logit_loss(norms, [0.0, 1.0]).item()
+    (3.0, 4.0)
+    ```
     """
     if len(layer_norms) == 0:
         raise ValueError("attention_logit_loss got no layers: no attention call was captured.")
-    return torch.stack(list(layer_norms)).mean()
+    norms = torch.stack(list(layer_norms))
+    if layer_weights is None:
+        return norms.mean()
+    if len(layer_weights) != len(norms):
+        raise ValueError(
+            f"attn_layer_weights has {len(layer_weights)} weights but the forward pass made {len(norms)} captured "
+            "attention calls (one per attention layer, first layer first): give one weight per layer, or None for "
+            "the uniform mean."
+        )
+    weights = torch.tensor([float(w) for w in layer_weights], dtype=norms.dtype, device=norms.device)
+    return (norms * weights).sum() / weights.sum()

@@ -192,6 +192,19 @@ def test_consistency_variant_competes_on_validation():
     assert len(chosen) == len(plain) + 6 and ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency") in chosen
 
 
+def test_every_lora_variant_has_a_grid_and_a_valid_config():
+    """Each LoRA / adapter variant is tried on its own validation grid (full and quick sizes) and its overrides make
+    a valid ObliviateConfig; `all-rows` penalises every real token's row (attn_query="rows")."""
+    from hf_obliviate import ObliviateConfig
+
+    defense = _defense_module()
+    assert set(defense.LORA_VARIANTS) == set(defense.Sizes().variant_grids) == set(defense.QUICK.variant_grids)
+    for variant in defense.LORA_VARIANTS:
+        assert defense.Sizes().variant_grids[variant], variant
+        ObliviateConfig(lambda_attn=3e-3, **defense.VARIANTS[variant])
+    assert defense.VARIANTS["all-rows"]["attn_query"] == "rows"
+
+
 def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     """A setting must keep clean accuracy on both validation encoders and wins by its mean ASR over them: the recipe
     POR alone prefers can lose once NeuBA is counted. A NeuBA run at chance undefended shows nothing and is ignored;

@@ -41,6 +41,40 @@ def test_attention_loss_is_mean_over_layers():
         attention_logit_loss([])
 
 
+def test_attention_loss_layer_weights():
+    """`attn_layer_weights`: a weighted mean of the layer norms, through the defense on a real (tiny) BERT too; one
+    weight per captured layer or a clear error; bad weights are refused when the config is built."""
+    from hf_obliviate import ObliviateConfig
+
+    norms = [torch.tensor(1.0), torch.tensor(3.0)]
+    assert attention_logit_loss(norms, [1.0, 1.0]).item() == 2.0
+    assert attention_logit_loss(norms, [0.0, 2.0]).item() == 3.0
+    with pytest.raises(ValueError, match="one weight per layer"):
+        attention_logit_loss(norms, [1.0])
+    for bad in ([], [0.0, 0.0], [1.0, -1.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="attn_layer_weights"):
+            ObliviateConfig(attn_layer_weights=bad)
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora")
+    ids = torch.randint(3, 100, (2, 7))
+    values = {}
+    for weights in (None, [1.0, 0.0], [0.0, 1.0], [1.0]):
+        defense = ObliviateDefense(model, ObliviateConfig(lambda_amp=0.0, attn_layer_weights=weights))
+        with defense.track() as step:
+            model(input_ids=ids)
+        if weights == [1.0]:  # the tiny model has two layers
+            with pytest.raises(ValueError, match="2 captured attention calls"):
+                step.terms()
+        else:
+            values[None if weights is None else weights.index(1.0)] = step.terms()["loss_attn"]
+            assert len(step.record.layers) == 2
+    layer_norms = [layer.norm for layer in step.record.layers]
+    torch.testing.assert_close(values[0], layer_norms[0])
+    torch.testing.assert_close(values[1], layer_norms[1])
+    torch.testing.assert_close(values[None], (values[0] + values[1]) / 2)
+    assert not torch.allclose(values[0], values[1])
+
+
 def _kinds(names):
     return sorted({n.split(".")[-3] if ".default." in n else n for n in names})
 

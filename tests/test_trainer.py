@@ -95,6 +95,29 @@ def test_defense_changes_training_and_eval_is_untouched(tmp_path):
     assert "eval_loss" in metrics and not any(k.startswith("eval_loss_") for k in metrics)
 
 
+def test_rows_query_on_a_classifier_penalises_every_real_token(tmp_path):
+    """attn_query="rows" on a classifier: the trainer passes the attention mask as the rows (every real token), so
+    the logged term equals the defense computed by hand with query_mask = attention_mask, and differs from CLS's."""
+    from hf_obliviate import ObliviateConfig, ObliviateDefense
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora")
+    data = _dataset(4)
+    batch = PadCollator(0)([data[i] for i in range(4)])
+    expected = {}
+    for query, mask in (("rows", batch["attention_mask"]), ("first", None)):
+        defense = ObliviateDefense(model, ObliviateConfig(lambda_amp=0.0, lambda_attn=1.0, attn_query=query))
+        with torch.no_grad(), defense.track(attention_mask=batch["attention_mask"], query_mask=mask) as step:
+            model(**batch)
+        expected[query] = step.terms()["loss_attn"].item()
+    assert abs(expected["rows"] - expected["first"]) > 1e-3 * expected["first"]
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=4, lambda_amp=0.0, attn_query="rows")
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=data, data_collator=PadCollator(0))
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss_attn" in entry)
+    assert logged["loss_attn"] == pytest.approx(expected["rows"], rel=1e-4)
+
+
 def test_plain_mode_logs_no_terms(tmp_path):
     model = tiny_peft_model("bert", "lora")
     args = _args(tmp_path, max_steps=2, per_device_train_batch_size=4, obliviate=False)

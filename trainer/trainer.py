@@ -247,7 +247,11 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
     ) -> tuple[Any, dict[str, torch.Tensor | None]]:
         if num_items_in_batch is not None and not self._loss_kwargs_checked:
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
-        return num_items_in_batch, {"attention_mask": inputs.get("attention_mask")}
+        attention_mask = inputs.get("attention_mask")
+        capture = self.obliviate_defense.capture if self.obliviate_defense is not None else None
+        # attn_query="rows" on a classifier: every real token's query row (SFT picks the completion tokens instead).
+        query_mask = attention_mask if capture is not None and capture.query == "rows" else None
+        return num_items_in_batch, {"attention_mask": attention_mask, "query_mask": query_mask}
 
     @torch.no_grad()
     def _check_model_consumes_num_items(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> Any:
