@@ -44,6 +44,7 @@ __all__ = [
     "ProbeResult",
     "SummaryAttention",
     "TokenScore",
+    "TriggerAttention",
     "candidate_tokens",
     "check_text",
     "classify",
@@ -57,6 +58,7 @@ __all__ = [
     "scan_tokens",
     "summary_attention",
     "summary_states",
+    "trigger_attention",
 ]
 
 POSITIONS = ("start", "middle", "end", "random")
@@ -520,6 +522,103 @@ def plot_attention(attention: SummaryAttention, title: str = ""):
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+@dataclass
+class TriggerAttention:
+    """How much attention an inserted trigger draws, per layer, averaged over sentences (see `trigger_attention`).
+
+    Args:
+        trigger (`str`): the trigger inserted once per sentence.
+        sentences (`int`): sentences in which the trigger's tokens were found (others are skipped).
+        summary (`list[float]`): per layer, the share of the summary row's attention (head mean) on the trigger.
+        summary_top_head (`list[float]`): per layer, the largest share any one head gives it.
+        all_rows (`list[float]`): per layer, the share of every real token's attention row (mean over rows, heads).
+        summary_logit_norm (`list[float]`): per layer, the summary row's logit norm ``‖S ⊙ m‖₂`` (head mean): what
+            the reference attention term penalises.
+    """
+
+    trigger: str
+    sentences: int
+    summary: list[float]
+    summary_top_head: list[float]
+    all_rows: list[float]
+    summary_logit_norm: list[float]
+
+
+def _find_tokens(input_ids: torch.Tensor, pattern: list[int]) -> torch.Tensor:
+    """``(batch, seq)`` mask of the first occurrence of ``pattern`` in each row (all False where it is absent)."""
+    batch, seq = input_ids.shape
+    found = torch.zeros(batch, seq, dtype=torch.bool)
+    for row in range(batch):
+        ids = input_ids[row].tolist()
+        for start in range(seq - len(pattern) + 1):
+            if ids[start : start + len(pattern)] == pattern:
+                found[row, start : start + len(pattern)] = True
+                break
+    return found
+
+
+@torch.no_grad()
+def trigger_attention(
+    model: nn.Module, tokenizer, texts: Sequence[str], trigger: str, seed: int = 0, max_length: int = MAX_TOKENS
+) -> TriggerAttention:
+    """Insert ``trigger`` once into each of ``texts`` (a seeded random word position) and measure, per layer, the
+    share of the pre-softmax attention rows' softmax that falls on the trigger's tokens: the summary query row (the
+    row the attention term penalises, [CLS] or a decoder's last token), the most attentive head, and every real
+    token's row. A backdoored encoder draws the summary row to its trigger in the layers where the backdoor acts.
+
+    The rows are captured with `hf_obliviate.capture.AttentionLogitCapture` beside the model's own kernel (SDPA
+    stays on). Sentences whose trigger was truncated away are skipped; a trigger that tokenizes to nothing raises.
+    """
+    import random
+
+    from .capture import AttentionLogitCapture
+
+    pattern = tokenizer(trigger, add_special_tokens=False)["input_ids"]
+    if not trigger.strip() or not pattern:
+        raise ValueError(f"The trigger {trigger!r} tokenizes to nothing: give a word the tokenizer keeps.")
+    if not texts:
+        raise ValueError("trigger_attention needs at least one sentence.")
+    rng = random.Random(seed)
+    triggered = [insert_trigger(text, trigger, rng) for text in texts]
+    device = _device(model)
+    enc = _encode(tokenizer, triggered, max_length, device)
+    on_trigger = _find_tokens(enc["input_ids"].cpu(), pattern)
+    keep = on_trigger.any(dim=1)
+    if not keep.any():
+        raise ValueError(f"The trigger {trigger!r} was not found in any tokenized sentence (truncated away?).")
+    enc = {k: v[keep.to(device)] for k, v in enc.items()}
+    on_trigger = on_trigger[keep]
+    mask = enc["attention_mask"].bool().cpu()
+    was_training = model.training
+    model.eval()
+    try:
+        summary = AttentionLogitCapture(model, query="auto", keep_logits=True)
+        with summary.record(attention_mask=enc["attention_mask"]) as record:
+            model(**enc)
+        every = AttentionLogitCapture(model, query="rows", keep_logits=True)
+        with every.record(attention_mask=enc["attention_mask"], query_mask=enc["attention_mask"]) as record_all:
+            model(**enc)
+    finally:
+        model.train(was_training)
+    if not record.layers:
+        raise ValueError(f"{type(model).__name__} made no attention call that could be captured.")
+    n_keys = mask.shape[1]
+    result = {"summary": [], "summary_top_head": [], "all_rows": [], "summary_logit_norm": []}
+    for layer, layer_all in zip(record.layers, record_all.layers):
+        logits = layer.logits[:, :, 0, -n_keys:].cpu()  # (batch, heads, keys); uncounted keys are -inf
+        share = (logits.softmax(dim=-1) * on_trigger[:, None, :]).sum(dim=-1)  # (batch, heads)
+        result["summary"].append(share.mean().item())
+        result["summary_top_head"].append(share.amax(dim=1).mean().item())
+        result["summary_logit_norm"].append(
+            torch.linalg.vector_norm(logits.masked_fill(~torch.isfinite(logits), 0.0), dim=-1).mean().item()
+        )
+        rows_logits = layer_all.logits[..., -n_keys:].cpu()  # (batch, heads, rows, keys)
+        rows_share = (rows_logits.softmax(dim=-1) * on_trigger[:, None, None, :]).sum(dim=-1)
+        valid = torch.gather(mask, 1, layer_all.rows.cpu())[:, None, :].expand_as(rows_share)
+        result["all_rows"].append((rows_share * valid).sum().item() / valid.sum().clamp_min(1).item())
+    return TriggerAttention(trigger=trigger, sentences=int(keep.sum()), **result)
 
 
 # ----------------------------------------------------------------------------------------------------------------

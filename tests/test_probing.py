@@ -25,6 +25,7 @@ from hf_obliviate.probing import (
     scan_tokens,
     summary_attention,
     summary_states,
+    trigger_attention,
 )
 
 
@@ -299,6 +300,43 @@ def test_summary_attention_is_the_cls_row_before_softmax(classifiers):
     centred = attention.logits - attention.logits.logsumexp(-1, keepdim=True)
     torch.testing.assert_close(centred, attention.probs.log(), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(attention.logits, attention.probs)
+
+
+def test_trigger_attention_matches_the_eager_attention_weights(classifiers):
+    """Per layer: the [CLS] row's share of attention on the inserted trigger (head mean and top head) and every real
+    token's row's share, equal to the eager kernel's attention weights on the same seeded insertions; bad triggers
+    get clear errors."""
+    import random
+
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_obliviate.triggers import insert_trigger
+
+    model, tokenizer = classifiers["undefended"]
+    texts = [NEGATIVE_SENTENCE, "the film was fun and warm", "dull"]
+    result = trigger_attention(model, tokenizer, texts, "cf", seed=3)
+    layers = model.config.num_hidden_layers
+    assert result.sentences == 3 and len(result.summary) == len(result.all_rows) == layers
+    eager = AutoModelForSequenceClassification.from_config(copy.deepcopy(model.config), attn_implementation="eager")
+    eager.load_state_dict(model.state_dict())
+    rng = random.Random(3)
+    enc = tokenizer([insert_trigger(t, "cf", rng) for t in texts], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        weights = eager.eval()(**enc, output_attentions=True).attentions
+    on = (enc["input_ids"] == tokenizer.convert_tokens_to_ids("cf")).float()
+    assert on.sum(dim=1).tolist() == [1.0, 1.0, 1.0]
+    for layer in range(layers):
+        share = (weights[layer][:, :, 0, :] * on[:, None, :]).sum(dim=-1)
+        assert result.summary[layer] == pytest.approx(share.mean().item(), abs=1e-5)
+        assert result.summary_top_head[layer] == pytest.approx(share.amax(dim=1).mean().item(), abs=1e-5)
+        rows = (weights[layer] * on[:, None, None, :]).sum(dim=-1)
+        real = enc["attention_mask"].bool()[:, None, :].expand_as(rows)
+        assert result.all_rows[layer] == pytest.approx(rows[real].mean().item(), abs=1e-5)
+        assert result.summary_logit_norm[layer] > 0
+    with pytest.raises(ValueError, match="tokenizes to nothing"):
+        trigger_attention(model, tokenizer, texts, "  ")
+    with pytest.raises(ValueError, match="at least one sentence"):
+        trigger_attention(model, tokenizer, [], "cf")
 
 
 def test_plot_attention_draws_two_heatmaps(classifiers):
