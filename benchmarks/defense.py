@@ -42,6 +42,15 @@ GRID = ((0.0, 3e-3), (3e-4, 3e-3), (0.0, 1e-2), (3e-4, 1e-2), (0.0, 3e-2))
 CENTRED_GRID = ((3e-4, 3e-3), (3e-4, 1e-2), (3e-4, 3e-2))
 # The consistency variant adds a term of its own (weight 1, a KL between predictions) to the centred recipe.
 CONSISTENCY_GRID = ((3e-4, 3e-3), (3e-4, 1e-2))
+# Every token's row: the mean row norm is about that of the CLS row (loss_attn 4-8 at the start), so the same grid.
+ALL_ROWS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
+# Only the last three of MiniLM's six layers: their weighted mean is comparable to the plain mean, so the same grid.
+LATE_LAYERS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
+# Variants of the LoRA / adapter recipe (names in VARIANTS), each tried on its own validation grid.
+VARIANT_GRIDS = {
+    "centred": CENTRED_GRID, "consistency": CONSISTENCY_GRID,
+    "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID,
+}  # fmt: skip
 
 
 @dataclass
@@ -51,7 +60,7 @@ class Sizes:
     copies, about 1.2 min each on idle cores. LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR
     encoder; at 60 steps and lr 5e-4 it stayed at chance, 0.55). Under contention run it with ``OMP_NUM_THREADS=1``:
     two threads competing with other processes were 7× slower per step here. On a GPU use e.g. ``--train 4000
-    --epochs 2 --eval-n 1000``."""
+    --epochs 2 --eval-n 1000 --out results/defense_gpu`` (other fine-tunes need their own journal)."""
 
     train: int = 1600
     epochs: float = 1.0
@@ -66,13 +75,12 @@ class Sizes:
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
     grid: tuple[tuple[float, float], ...] = GRID
-    centred_grid: tuple[tuple[float, float], ...] = CENTRED_GRID
-    consistency_grid: tuple[tuple[float, float], ...] = CONSISTENCY_GRID
+    variant_grids: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=lambda: dict(VARIANT_GRIDS))
 
 
 QUICK = Sizes(
     train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, seeds=(0,),
-    pefts=("lora",), grid=((3e-4, 3e-3),), centred_grid=((3e-4, 3e-3),), consistency_grid=((3e-4, 3e-3),),
+    pefts=("lora",), grid=((3e-4, 3e-3),), variant_grids={v: ((3e-4, 3e-3),) for v in VARIANT_GRIDS},
 )  # fmt: skip
 
 
@@ -102,8 +110,14 @@ VARIANTS = {
     # centred, plus KL(p(x) || p(x')) with one random short rare word inserted (the attacks' triggers left out of
     # the words inserted, so the test measures that the insensitivity generalises to unseen triggers)
     "consistency": {"attn_centre": True, "lambda_consistency": 1.0, "consistency_insertions": 1},
+    # every real token's query row, not only CLS: a trigger can reach CLS through the other tokens' rows
+    "all-rows": {"attn_centre": False, "attn_query": "rows"},
+    # per-layer weights: MiniLM-L6's last three layers only. On the POR encoder the [CLS] row puts 0.34 and 0.74 of
+    # its attention (head mean) on an inserted trigger in layers 5 and 6 and under 0.03 in layers 1-4, while the
+    # reference term shrank every layer's row alike (layer 1 from 8.9 to 3.4) and left layer 5 at 0.27 (demo run).
+    "late-layers": {"attn_centre": False, "attn_layer_weights": [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]},
 }
-LORA_VARIANTS = ("centred", "consistency")  # variants of the LoRA / adapter recipe, each on its own validation grid
+LORA_VARIANTS = tuple(VARIANT_GRIDS)
 PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
 
@@ -349,10 +363,9 @@ def choose_lora_variant(
 ) -> tuple[str, tuple[float, float], list[dict]]:
     """LoRA, validation split, seed 0: each of `LORA_VARIANTS` on its own coefficient grid on POR (confirmed on
     NeuBA), against the reference runs of the coefficient search (``tuning``)."""
-    grids = {"centred": sizes.centred_grid, "consistency": sizes.consistency_grid}
     runs = [journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True, lambdas=lam,
                         sizes=sizes, split="validation", variant=variant)
-            for variant in LORA_VARIANTS for lam in grids[variant]]  # fmt: skip
+            for variant in LORA_VARIANTS for lam in sizes.variant_grids[variant]]  # fmt: skip
     por_base = [c for c in tuning if not c["defended"] and c["encoder"] == "por"]
     runs += [c for c in _confirm(journal, paths, sizes, por_base + runs) if c["defended"]]
     variant, chosen = pick_lora_variant(tuning + runs, lambdas)
@@ -544,6 +557,7 @@ def write(
         "# Obliviate on backdoored MiniLM-L6 (Rotten Tomatoes sentiment)",
         "",
         f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch}, "
+        f"lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
         f"max length {sizes.max_length}; test: {sizes.eval_n} sentences, one clean and one triggered copy per "
         f"trigger; seeds {list(sizes.seeds)}; attacks planted with {sizes.plant_steps} steps. Wall time "
         f"{wall / 60:.1f} min. Defense coefficients chosen on the validation split: λ_amp = {lambdas[0]:g}, "
@@ -651,6 +665,7 @@ def main() -> None:
     parser.add_argument("--journal", type=Path, default=None, help="Journal file (default: <out>_cells.jsonl).")
     parser.add_argument("--train", type=int, default=None, help="Fine-tuning sentences (default: Sizes.train).")
     parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type (default 1e-3).")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=None, help="Fine-tuning batch size (default 16).")
     parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default 300).")
@@ -681,6 +696,14 @@ def main() -> None:
         sizes.eval_n = args.eval_n
     if args.plant_steps:
         sizes.plant_steps = args.plant_steps
+    if args.lr:
+        LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
+    default_journal = args.journal is None and args.out == ROOT / "results" / "defense"
+    changed = [f"--{name}" for name in ("train", "epochs", "lr", "batch") if getattr(args, name)]
+    if default_journal and changed and not args.quick and not args.summarise_only:
+        # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe: cells of
+        # another learning rate or length must not be paired with the committed ones.
+        parser.error(f"{' '.join(changed)} change the fine-tunes: give them their own --journal (or --out).")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     start = time.time()
     journal = Journal(
