@@ -21,6 +21,19 @@ __all__ = ["DefenseStep", "ObliviateDefense"]
 _OUTPUT_CONTAINERS = ("lora_B", "adapter_up")
 
 
+def _check_layer_weights(model: nn.Module, weights: Sequence[float] | None) -> None:
+    """Refuse ``attn_layer_weights`` of the wrong length before training, where the model config says its depth."""
+    if weights is None:
+        return
+    configs = (m.config for m in model.modules() if hasattr(m, "config"))
+    layers = next((getattr(c, "num_hidden_layers", None) for c in configs), None)
+    if isinstance(layers, int) and len(weights) != layers:
+        raise ValueError(
+            f"attn_layer_weights has {len(weights)} weights but the model has {layers} attention layers "
+            "(config.num_hidden_layers): give one weight per layer, first layer first, or None for the plain mean."
+        )
+
+
 class DefenseStep:
     """The defense terms of one forward pass, available after the ``with defense.track(...)`` block."""
 
@@ -137,6 +150,7 @@ class ObliviateDefense:
                 virtual_keys=self.config.attn_virtual_keys,
                 centre=self.config.attn_centre,
             )
+            _check_layer_weights(model, self.config.attn_layer_weights)
         self.token_pool: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         if self.config.lambda_consistency > 0:
