@@ -116,6 +116,22 @@ def test_rows_query_on_a_classifier_penalises_every_real_token(tmp_path):
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "loss_attn" in entry)
     assert logged["loss_attn"] == pytest.approx(expected["rows"], rel=1e-4)
+    # Without an attention mask every token is real: all rows count.
+    same_length = Dataset.from_list([{"input_ids": list(range(5 + i, 11 + i)), "labels": i % 2} for i in range(4)])
+    unmasked = {k: v for k, v in PadCollator(0)([same_length[i] for i in range(4)]).items() if k != "attention_mask"}
+    defense = ObliviateDefense(model, ObliviateConfig(lambda_amp=0.0, lambda_attn=1.0, attn_query="rows"))
+    with torch.no_grad(), defense.track(query_mask=torch.ones_like(unmasked["input_ids"])) as step:
+        model(**unmasked)
+    expected_unmasked = step.terms()["loss_attn"].item()
+
+    def no_mask(features):
+        return {k: v for k, v in PadCollator(0)(features).items() if k != "attention_mask"}
+
+    args = _args(tmp_path / "b", max_steps=1, per_device_train_batch_size=4, lambda_amp=0.0, attn_query="rows")
+    trainer = ObliviateTrainer(model=model, args=args, train_dataset=same_length, data_collator=no_mask)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "loss_attn" in entry)
+    assert logged["loss_attn"] == pytest.approx(expected_unmasked, rel=1e-4)
 
 
 def test_plain_mode_logs_no_terms(tmp_path):

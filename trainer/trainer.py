@@ -249,8 +249,12 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
         attention_mask = inputs.get("attention_mask")
         capture = self.obliviate_defense.capture if self.obliviate_defense is not None else None
-        # attn_query="rows" on a classifier: every real token's query row (SFT picks the completion tokens instead).
-        query_mask = attention_mask if capture is not None and capture.query == "rows" else None
+        query_mask = None
+        if capture is not None and capture.query == "rows":
+            # every real token's query row of a classifier (SFT picks the completion tokens instead); no mask: all
+            query_mask = attention_mask
+            if query_mask is None and isinstance(inputs.get("input_ids"), torch.Tensor):
+                query_mask = torch.ones_like(inputs["input_ids"])
         return num_items_in_batch, {"attention_mask": attention_mask, "query_mask": query_mask}
 
     @torch.no_grad()
