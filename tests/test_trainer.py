@@ -198,9 +198,11 @@ def test_works_with_tokenizer_collator(tmp_path):
     assert torch.isfinite(torch.tensor(out.training_loss))
 
 
-def test_compressed_push_dry_run_from_defended_lora(tmp_path):
-    """push_to_hub with delta_compression: the merged LoRA delta is written BitDelta-compressed, card included."""
+def test_compressed_push_dry_run_from_defended_lora(tmp_path, caplog):
+    """push_to_hub with delta_compression: the merged LoRA delta is written BitDelta-compressed, card included, with a
+    warning that compression can undo the defense; delta_lora="factors" uploads the exact adapter instead."""
     import json
+    import logging
 
     from hf_obliviate.hub import load_compressed
 
@@ -216,7 +218,9 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path):
     )  # fmt: skip
     trainer = ObliviateTrainer(model=model, args=args, train_dataset=_dataset(8), data_collator=PadCollator(0))
     trainer.train()
-    trainer.push_to_hub()
+    with caplog.at_level(logging.WARNING):
+        trainer.push_to_hub()
+    assert "compression can undo it" in caplog.text and "delta_lora='factors'" in caplog.text
     meta = json.loads((dry / "obliviate_delta.json").read_text())
     assert meta["method"] == "bitdelta" and meta["k"] == 1 and meta["extra"]["scale_factor"] == 0.8
     card = (dry / "README.md").read_text()
@@ -225,3 +229,18 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path):
     assert rebuilt is not None
     with pytest.raises(ValueError, match="delta_scale_factor"):
         _args(tmp_path / "bad", delta_scale_factor=-0.5)
+    with pytest.raises(ValueError, match="delta_lora"):
+        _args(tmp_path / "bad", delta_lora="dense")
+
+    # The exact adapter: no warning, and the rebuilt model is the fine-tune (fp16 factors).
+    caplog.clear()
+    args.delta_lora, args.delta_scale_factor, args.delta_dry_run_dir = "factors", 1.0, str(tmp_path / "factors")
+    with caplog.at_level(logging.WARNING):
+        trainer.push_to_hub()
+    assert "compression can undo it" not in caplog.text
+    assert json.loads((tmp_path / "factors" / "obliviate_delta.json").read_text())["extra"]["lora_mode"] == "factors"
+    exact = load_compressed(str(base_dir), str(tmp_path / "factors")).eval()
+    batch = PadCollator(0)([_dataset(4)[i] for i in range(4)])
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+        torch.testing.assert_close(exact(**batch).logits, expected, rtol=1e-2, atol=1e-3)

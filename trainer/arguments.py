@@ -12,6 +12,7 @@ from hf_obliviate.delta.format import check_scale_factor
 __all__ = ["DeltaPushArguments", "ObliviateTrainingArguments"]
 
 DELTA_METHODS = ("bitdelta",)
+DELTA_LORA_MODES = ("merged", "factors")  # hf_obliviate.hub.push.LORA_MODES (not imported: keeps this light)
 
 
 @dataclass
@@ -25,6 +26,14 @@ class DeltaPushArguments:
     delta_k: int = field(
         default=1,
         metadata={"help": "Number of 1-bit masks (k=1 is BitDelta; k>1 restores more of a backdoor, see the card)."},
+    )
+    delta_lora: str = field(
+        default="merged",
+        metadata={
+            "help": "For a peft (LoRA) model: 'merged' (compress B·A into the base's shape; strips much of a "
+            "fine-tuning backdoor) or 'factors' (the exact adapter; keeps what the fine-tune does against a backdoor "
+            "planted in the base, which a compressed merge lost in the README's measurement)."
+        },
     )
     delta_scale_factor: float = field(
         default=1.0,
@@ -66,6 +75,8 @@ class DeltaPushArguments:
             raise ValueError(
                 f"Unknown delta_compression {self.delta_compression!r}: use one of {', '.join(DELTA_METHODS)} or None."
             )
+        if self.delta_lora not in DELTA_LORA_MODES:
+            raise ValueError(f"delta_lora must be one of {', '.join(DELTA_LORA_MODES)}, got {self.delta_lora!r}.")
         if self.delta_k < 1:
             raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
         try:

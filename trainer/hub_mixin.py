@@ -23,7 +23,9 @@ class CompressedPushMixin:
     every push is the Trainer's own. Only the main process uploads.
 
     Training-argument fields read (all optional, via ``getattr``): ``delta_compression`` (``None`` or
-    ``"bitdelta"``), ``delta_k`` (1), ``delta_scale_factor`` (1.0), ``delta_distill_steps`` (0),
+    ``"bitdelta"``), ``delta_k`` (1), ``delta_lora`` (``"merged"`` or ``"factors"``: a peft model's exact adapter;
+    with ``obliviate`` on, a compressed merged delta logs a warning), ``delta_scale_factor`` (1.0),
+    ``delta_distill_steps`` (0),
     ``delta_distill_lr`` (1e-4), the calibration text ``delta_calibration_texts`` / ``delta_calibration_dataset`` +
     ``delta_calibration_column`` (default: bundled IMDB sentences), ``delta_calibration_sequences`` (800) and
     ``delta_calibration_seq_len`` (128),
@@ -152,9 +154,12 @@ class CompressedPushMixin:
                 source = copy.deepcopy(source).to("cpu")
         dry_run = getattr(self.args, "delta_dry_run_dir", None)
         repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+        lora = getattr(self.args, "delta_lora", "merged")
+        self._warn_if_defense_is_compressed(source, lora)
         kwargs = {
             "method": self._delta_compression(),
             "k": int(getattr(self.args, "delta_k", 1) or 1),
+            "lora": lora,
             "repo_id": repo_id,
             "progress": not getattr(self.args, "disable_tqdm", False),
             "calibration_ids": calibration_ids,
@@ -179,6 +184,28 @@ class CompressedPushMixin:
                 revision=revision if revision is not None else getattr(self.args, "hub_revision", None),
                 commit_message=commit_message,
             )
+
+    def _warn_if_defense_is_compressed(self, source, lora: str) -> None:
+        """Obliviate's effect against a backdoor planted in the *base* lives in the fine-tuning delta, and compressing
+        a merged delta can lose it; an exact adapter (``delta_lora="factors"``) keeps it."""
+        if not getattr(self.args, "obliviate", False):
+            return
+        if isinstance(source, (str, Path)):
+            peft = (Path(source) / "adapter_config.json").is_file()
+        else:
+            from hf_obliviate.delta import is_peft_model
+
+            peft = is_peft_model(source)
+        if peft and lora == "factors":
+            return
+        logger.warning(
+            "Pushing an Obliviate-defended fine-tune as a compressed merged delta: the defense against a backdoor "
+            "planted in the base model lives in that delta, and compression can undo it (the README measures a "
+            "defended LoRA on a POR-backdoored MiniLM: ASR 0.25 fine-tuned, 1.00 after BitDelta k=1 or k=2, 0.31 "
+            "with the scales distilled on clean text). For a LoRA fine-tune set delta_lora='factors' to upload the "
+            "exact adapter (about as small); otherwise consider delta_distill_steps, and evaluate the compressed "
+            "model before publishing it."
+        )
 
     def _delta_source(self, folder: str | None):
         """A full checkpoint folder is compressed streaming; otherwise (peft, no folder) the in-memory model."""
