@@ -25,17 +25,15 @@ MEASURES = ("summary", "summary_top_head", "all_rows", "summary_logit_norm")
 
 
 def measure(n: int, seed: int) -> dict:
-    from hf_obliviate.artifacts import load_artifact
+    from _demo import load_demo_model
+
     from hf_obliviate.bundled import minilm_path
     from hf_obliviate.data import load_movie_reviews
     from hf_obliviate.models import load_classifier
     from hf_obliviate.probing import trigger_attention
 
-    try:
-        undefended, tokenizer, info = load_artifact("demo-undefended")
-        defended, _, defended_info = load_artifact("demo-defended")
-    except FileNotFoundError as error:
-        raise SystemExit(f"{error}\nRun `make demo` first: this script reads its two fine-tunes.") from error
+    undefended, tokenizer, info = load_demo_model("undefended")
+    defended, _, defended_info = load_demo_model("defended")
     encoder = info["encoder"]
     models = {
         "MiniLM-L6 (clean)": load_classifier(minilm_path())[0].eval(),
