@@ -112,9 +112,10 @@ VARIANTS = {
     "consistency": {"attn_centre": True, "lambda_consistency": 1.0, "consistency_insertions": 1},
     # every real token's query row, not only CLS: a trigger can reach CLS through the other tokens' rows
     "all-rows": {"attn_centre": False, "attn_query": "rows"},
-    # per-layer weights: MiniLM-L6's last three layers only. On the POR encoder the [CLS] row puts 0.34 and 0.74 of
+    # per-layer weights: MiniLM-L6's last three layers only. On the POR encoder the [CLS] row puts 0.30 and 0.73 of
     # its attention (head mean) on an inserted trigger in layers 5 and 6 and under 0.03 in layers 1-4, while the
-    # reference term shrank every layer's row alike (layer 1 from 8.9 to 3.4) and left layer 5 at 0.27 (demo run).
+    # reference term shrank every layer's row alike (layer 1 from 8.7 to 3.3) and left 0.23 and 0.35 in layers 5
+    # and 6 (benchmarks/results/trigger_attention.md, the make-demo models).
     "late-layers": {"attn_centre": False, "attn_layer_weights": [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]},
 }
 LORA_VARIANTS = tuple(VARIANT_GRIDS)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_obliviate.delta.format import check_scale_factor
+from hf_obliviate.delta.format import LORA_MODES, check_scale_factor
 
 __all__ = [
     "CompressConfig",
@@ -125,8 +125,8 @@ class PushConfig(_MethodFields):
         for name in ("model", "repo_id"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required.")
-        if self.lora not in ("merged", "factors"):
-            raise ValueError(f"--lora must be 'merged' or 'factors', got {self.lora!r}.")
+        if self.lora not in LORA_MODES:
+            raise ValueError(f"--lora must be one of {', '.join(LORA_MODES)}, got {self.lora!r}.")
         _validate_method(self)
 
 

@@ -26,7 +26,7 @@ from hf_obliviate.delta import (
     read_delta_metadata,
 )
 from hf_obliviate.delta.checkpoint import resolve_checkpoint
-from hf_obliviate.delta.format import check_scale_factor
+from hf_obliviate.delta.format import LORA_MODES, check_scale_factor
 from hf_obliviate.delta.writer import build_metadata, write_json_atomic
 
 from .card import build_model_card
@@ -41,8 +41,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-LORA_MODES = ("merged", "factors")
 
 
 class HubAuthError(PermissionError):

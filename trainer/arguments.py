@@ -7,12 +7,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from hf_obliviate.config import ObliviateConfig
-from hf_obliviate.delta.format import check_scale_factor
+from hf_obliviate.delta.format import LORA_MODES, check_scale_factor
 
 __all__ = ["DeltaPushArguments", "ObliviateTrainingArguments"]
 
 DELTA_METHODS = ("bitdelta",)
-DELTA_LORA_MODES = ("merged", "factors")  # hf_obliviate.hub.push.LORA_MODES (not imported: keeps this light)
 
 
 @dataclass
@@ -75,8 +74,8 @@ class DeltaPushArguments:
             raise ValueError(
                 f"Unknown delta_compression {self.delta_compression!r}: use one of {', '.join(DELTA_METHODS)} or None."
             )
-        if self.delta_lora not in DELTA_LORA_MODES:
-            raise ValueError(f"delta_lora must be one of {', '.join(DELTA_LORA_MODES)}, got {self.delta_lora!r}.")
+        if self.delta_lora not in LORA_MODES:
+            raise ValueError(f"delta_lora must be one of {', '.join(LORA_MODES)}, got {self.delta_lora!r}.")
         if self.delta_k < 1:
             raise ValueError(f"delta_k must be >= 1 (1 is plain BitDelta), got {self.delta_k}.")
         try:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # torch loads lazily: the streaming compressor reads, hashes 
 __all__ = [
     "DELTA_CONFIG_NAME",
     "FORMAT_VERSION",
+    "LORA_MODES",
     "BaseMismatchError",
     "CorruptDeltaError",
     "DeltaFormatError",
@@ -228,6 +229,10 @@ def metadata_checksum(meta: dict) -> str:
     body = {k: v for k, v in meta.items() if k != METADATA_CHECKSUM_KEY}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# How a peft (LoRA) fine-tune is pushed: "merged" (B·A compressed like any Linear delta) or "factors" (the adapter).
+LORA_MODES = ("merged", "factors")
 
 
 def check_scale_factor(factor: float) -> float:
