@@ -699,7 +699,7 @@ def main() -> None:
         sizes.plant_steps = args.plant_steps
     if args.lr:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
-    default_journal = args.journal is None and args.out == ROOT / "results" / "defense"
+    default_journal = args.journal is None and args.out == parser.get_default("out")
     changed = [f"--{name}" for name in ("train", "epochs", "lr", "batch") if getattr(args, name)]
     if default_journal and changed and not args.quick and not args.summarise_only:
         # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe: cells of

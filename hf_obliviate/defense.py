@@ -21,13 +21,14 @@ __all__ = ["DefenseStep", "ObliviateDefense"]
 _OUTPUT_CONTAINERS = ("lora_B", "adapter_up")
 
 
-def _check_layer_weights(model: nn.Module, weights: Sequence[float] | None) -> None:
-    """Refuse ``attn_layer_weights`` of the wrong length before training, where the model config says its depth."""
+def _check_layer_weights(configs: Sequence[Any], weights: Sequence[float] | None) -> None:
+    """Refuse ``attn_layer_weights`` of the wrong length before training, where the model's configs (those the
+    capture found) name one depth; otherwise (several attention stacks) the loss checks the captured calls."""
     if weights is None:
         return
-    configs = (m.config for m in model.modules() if hasattr(m, "config"))
-    layers = next((getattr(c, "num_hidden_layers", None) for c in configs), None)
-    if isinstance(layers, int) and len(weights) != layers:
+    depths = {c.num_hidden_layers for c in configs if isinstance(getattr(c, "num_hidden_layers", None), int)}
+    layers = depths.pop() if len(depths) == 1 else None
+    if layers is not None and len(weights) != layers:
         raise ValueError(
             f"attn_layer_weights has {len(weights)} weights but the model has {layers} attention layers "
             "(config.num_hidden_layers): give one weight per layer, first layer first, or None for the plain mean."
@@ -150,7 +151,7 @@ class ObliviateDefense:
                 virtual_keys=self.config.attn_virtual_keys,
                 centre=self.config.attn_centre,
             )
-            _check_layer_weights(model, self.config.attn_layer_weights)
+            _check_layer_weights(self.capture._configs, self.config.attn_layer_weights)
         self.token_pool: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         if self.config.lambda_consistency > 0:

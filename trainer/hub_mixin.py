@@ -190,14 +190,11 @@ class CompressedPushMixin:
         a merged delta can lose it; an exact adapter (``delta_lora="factors"``) keeps it."""
         if not getattr(self.args, "obliviate", False):
             return
-        if isinstance(source, (str, Path)):
-            peft = (Path(source) / "adapter_config.json").is_file()
-        else:
+        if lora == "factors" and not isinstance(source, (str, Path)):  # a folder source is a full checkpoint
             from hf_obliviate.delta import is_peft_model
 
-            peft = is_peft_model(source)
-        if peft and lora == "factors":
-            return
+            if is_peft_model(source):
+                return
         logger.warning(
             "Pushing an Obliviate-defended fine-tune as a compressed merged delta: the defense against a backdoor "
             "planted in the base model lives in that delta, and compression can undo it (the README measures a "

@@ -248,7 +248,7 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
         if num_items_in_batch is not None and not self._loss_kwargs_checked:
             num_items_in_batch = self._check_model_consumes_num_items(model, inputs, num_items_in_batch)
         attention_mask = inputs.get("attention_mask")
-        capture = self.obliviate_defense.capture if self.obliviate_defense is not None else None
+        capture = self.obliviate_defense.capture  # compute_loss calls this only with the defense on
         query_mask = None
         if capture is not None and capture.query == "rows":
             # every real token's query row of a classifier (SFT picks the completion tokens instead); no mask: all
