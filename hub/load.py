@@ -16,6 +16,7 @@ from hf_obliviate.delta import (
     fingerprint_state_dict,
     read_delta_metadata,
 )
+from hf_obliviate.delta.format import label_kwargs
 
 from .push import load_base_model
 
@@ -115,8 +116,9 @@ def load_compressed(
         )
     delta = CompressedDelta.load(folder, verify_checksums=verify)  # verify shards before loading the base
     if not isinstance(base_model, torch.nn.Module):
+        # a classifier's label names and count come from the fine-tune (the base's config may have none or others)
         model, _, _, missing = load_base_model(
-            base_dir, meta.get("model_class"), None, token, **from_pretrained_kwargs
+            base_dir, meta.get("model_class"), None, token, **{**label_kwargs(meta), **from_pretrained_kwargs}
         )
     if meta["method"] == "lora_factors":
         from peft import PeftModel

@@ -26,7 +26,8 @@ from hf_obliviate.delta import (
     read_delta_metadata,
 )
 from hf_obliviate.delta.checkpoint import resolve_checkpoint
-from hf_obliviate.delta.format import LORA_MODES, check_scale_factor
+from hf_obliviate.delta.compress import model_class_name
+from hf_obliviate.delta.format import LORA_MODES, check_scale_factor, label_fields
 from hf_obliviate.delta.writer import build_metadata, write_json_atomic
 
 from .card import build_model_card
@@ -69,6 +70,39 @@ def load_base_model(
     kwargs.pop("trust_remote_code", None)
     model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     return model.eval(), folder, rev, list(info.get("missing_keys") or [])
+
+
+# peft task types -> the transformers auto class whose head the adapter was trained on (its modules_to_save)
+_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def _load_adapter_folder(folder: Path, base_model, base_revision, token) -> tuple[torch.nn.Module, str]:
+    """A saved peft adapter on its base, the base built with the head of the adapter's task type (a classifier's
+    label count read from the head saved in the adapter), so that the head it trained is not dropped."""
+    from peft import PeftModel
+    from safetensors import safe_open
+
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    base_id = base_model or adapter.get("base_model_name_or_path")
+    if not base_id:
+        raise ValueError(f"{folder} names no base model: pass base_model (the Hub id or folder it was trained on).")
+    kwargs = {}
+    heads = adapter.get("modules_to_save") or []
+    weights = folder / "adapter_model.safetensors"
+    if adapter.get("task_type") in ("SEQ_CLS", "TOKEN_CLS") and heads and weights.is_file():
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if k.endswith(tuple(f".{h}.weight" for h in heads))]
+        if shapes:
+            kwargs["num_labels"] = shapes[0][0]
+    task_class = _TASK_CLASSES.get(adapter.get("task_type"))
+    base, _, _, _ = load_base_model(base_id, task_class, base_revision, token, **kwargs)
+    return PeftModel.from_pretrained(base, str(folder)), base_id
 
 
 def _peft_base_id(model) -> str | None:
@@ -124,14 +158,8 @@ def build_delta_folder(
 
     is_dir = isinstance(model_or_dir, (str, os.PathLike))
     if is_dir and (Path(model_or_dir) / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base_id = base_model or json.loads((Path(model_or_dir) / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path"
-        )
-        base, _, _, _ = load_base_model(base_id, None, base_revision, token)
-        model_or_dir, is_dir = PeftModel.from_pretrained(base, str(model_or_dir)), False
-        base_model = base_id
+        model_or_dir, base_model = _load_adapter_folder(Path(model_or_dir), base_model, base_revision, token)
+        is_dir = False
     if not is_dir and is_peft_model(model_or_dir):
         base_model = base_model or _peft_base_id(model_or_dir)
     if base_model is None:
@@ -170,7 +198,7 @@ def build_delta_folder(
             library_name = "peft"
         else:
             ft_full = merge_lora(ft) if peft else ft
-            model_class = (getattr(ft_full.config, "architectures", None) or [type(ft_full).__name__])[0]
+            model_class = model_class_name(ft_full)
             base, base_dir, base_rev, missing = load_base_model(base_model, model_class, base_revision, token)
             base_state = {n: t for n, t in base.state_dict().items() if n not in set(missing)}
             delta = compress_model(
@@ -223,6 +251,8 @@ def _write_lora_factors(ft, base_model, base_revision, token, output_dir: Path, 
     if (output_dir / "README.md").exists():
         (output_dir / "README.md").unlink()
     adapter_bytes = (output_dir / "adapter_model.safetensors").stat().st_size
+    model_class = model_class_name(ft.get_base_model())
+    labels = label_fields(model_class, ft.get_base_model().config.to_dict())
     meta = build_metadata(
         entries={},
         shards={},
@@ -235,8 +265,9 @@ def _write_lora_factors(ft, base_model, base_revision, token, output_dir: Path, 
         reverted=[],
         stats={},
         distillation=None,
-        model_class=(getattr(ft.get_base_model().config, "architectures", None) or [None])[0],
+        model_class=model_class,
         extra={
+            **({"labels": labels} if labels else {}),
             "lora_tradeoff": tradeoff,
             "lora_mode": "factors",
             "adapter_files": ["adapter_config.json", "adapter_model.safetensors"],

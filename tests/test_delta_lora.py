@@ -118,3 +118,67 @@ def test_scale_distillation_reduces_logit_mse_and_card_warns(tmp_path):
     card = (out / "README.md").read_text()
     assert "k = 2 masks" in card and "**distilled**" in card and "logit MSE" in card
     assert CompressedDelta.load(out).distillation["lr"] == 5e-3
+
+
+@pytest.fixture
+def classifier_setup(tmp_path):
+    """A 3-label LoRA classifier fine-tuned from a plain encoder checkpoint (as from a planted MiniLM): its config
+    still says ``architectures=["BertModel"]`` and the base has no head."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from hf_obliviate.models import wrap_peft
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertModel(cfg).save_pretrained(tmp_path / "base")
+    labels = ["negative", "neutral", "positive"]
+    clf = BertForSequenceClassification.from_pretrained(
+        tmp_path / "base", id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
+    peft_model = wrap_peft(clf, "lora")
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:  # test set-up only: move the factors and the head off their init
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path, peft_model.eval()
+
+
+@pytest.mark.parametrize("source", ["model", "adapter folder"])
+@pytest.mark.parametrize("lora", ["factors", "merged"])
+def test_classifier_from_encoder_checkpoint_rebuilds_with_its_head(classifier_setup, source, lora):
+    """The delta of a classifier built on a headless encoder records the classifier's class and labels, so the pulled
+    model is that classifier (it used to come back as a BertModel: the head was lost, or the delta did not apply)."""
+    tmp_path, peft_model = classifier_setup
+    model_or_dir = peft_model if source == "model" else str(tmp_path / "adapter")
+    out = push_compressed_delta(
+        model_or_dir, str(tmp_path / "base"), "me/clf", lora=lora, dry_run_dir=tmp_path / "out", progress=False
+    )
+    meta = json.loads((out / "obliviate_delta.json").read_text())
+    assert meta["model_class"] == "BertForSequenceClassification"
+    rebuilt = load_compressed(str(tmp_path / "base"), out)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        expected, got = peft_model(input_ids=ids).logits, rebuilt(input_ids=ids).logits
+    assert got.shape == (2, 3)
+    if lora == "factors":
+        assert torch.allclose(got, expected, atol=1e-5)
+    else:  # 1-bit B·A; the head is stored dense (fp16)
+        assert torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0) > 0.9
+    if source == "model":  # the label names live in the model's config (an adapter folder does not keep them)
+        assert rebuilt.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+        assert meta["extra"]["labels"]["label2id"] == {"negative": 0, "neutral": 1, "positive": 2}
+
+
+def test_classifier_checkpoint_folder_keeps_its_labels(classifier_setup):
+    """The streaming path (a saved full classifier) records the label names, so a base without them rebuilds the
+    fine-tune's head size and names."""
+    tmp_path, peft_model = classifier_setup
+    merge_lora(peft_model).save_pretrained(tmp_path / "merged")
+    out = push_compressed_delta(
+        str(tmp_path / "merged"), str(tmp_path / "base"), "me/clf", dry_run_dir=tmp_path / "out", progress=False
+    )
+    rebuilt = load_compressed(str(tmp_path / "base"), out)
+    assert type(rebuilt).__name__ == "BertForSequenceClassification"
+    assert rebuilt.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert rebuilt.classifier.weight.shape == (3, 32)

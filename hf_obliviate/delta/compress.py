@@ -13,13 +13,20 @@ from tqdm.auto import tqdm
 from .checkpoint import linear_weight_names
 from .codec import BitDeltaCompressor, DeltaCompressor, DeltaEntry, _dtype, get_compressor
 from .container import CompressedDelta
-from .format import dedup_state_dict, fingerprint_tensors
+from .format import dedup_state_dict, fingerprint_tensors, label_fields
 from .stream import CHUNK_ELEMS, align_names, compress_checkpoints, encode_chunk_pairs
 from .stream import check_options as _check_options
 from .writer import summarize_errors
 
 # compress_checkpoints (the streaming compressor, torch-free by default) lives in `stream`; it is re-exported here
-__all__ = ["align_names", "compress_checkpoints", "compress_delta", "compress_model", "summarize_errors"]
+__all__ = [
+    "align_names",
+    "compress_checkpoints",
+    "compress_delta",
+    "compress_model",
+    "model_class_name",
+    "summarize_errors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +185,8 @@ def compress_model(
     """
     if base_model_id is None:
         base_model_id = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
-    archs = getattr(getattr(ft_model, "config", None), "architectures", None)
-    model_class = kwargs.pop("model_class", None) or (archs[0] if archs else type(ft_model).__name__)
-    return compress_delta(
+    model_class = kwargs.pop("model_class", None) or model_class_name(ft_model)
+    delta = compress_delta(
         base_model.state_dict(),
         ft_model.state_dict(),
         method,
@@ -190,3 +196,22 @@ def compress_model(
         model_class=model_class,
         **kwargs,
     )
+    config = getattr(ft_model, "config", None)
+    labels = label_fields(model_class, config.to_dict() if hasattr(config, "to_dict") else {})
+    if labels:
+        delta.extra["labels"] = labels
+    return delta
+
+
+def model_class_name(model: torch.nn.Module) -> str:
+    """The transformers class to rebuild ``model`` with: its own class when transformers defines it, else the first
+    of ``config.architectures``, else the class name.
+
+    ``config.architectures`` alone is wrong for a model built in memory: a classifier loaded from an encoder
+    checkpoint keeps the checkpoint's ``["BertModel"]`` until it is saved, and a delta rebuilt with that class loses
+    the head."""
+    cls = type(model)
+    if cls.__module__.startswith("transformers."):
+        return cls.__name__
+    archs = getattr(getattr(model, "config", None), "architectures", None)
+    return archs[0] if archs else cls.__name__

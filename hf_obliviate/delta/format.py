@@ -35,6 +35,8 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedFormatVersionError",
     "fingerprint_tensors",
+    "label_fields",
+    "label_kwargs",
     "metadata_checksum",
     "pack_signs",
     "scale_entry_tensors",
@@ -233,6 +235,30 @@ def metadata_checksum(meta: dict) -> str:
 
 # How a peft (LoRA) fine-tune is pushed: "merged" (B·A compressed like any Linear delta) or "factors" (the adapter).
 LORA_MODES = ("merged", "factors")
+
+
+def label_fields(model_class: str | None, config: dict) -> dict:
+    """The label settings a rebuilt classifier needs from its fine-tune's config (``{}`` for other models).
+
+    The loader builds the base with the fine-tune's class; a classification head sized or named from the base's own
+    config would lose the fine-tune's label count (a shape error) or its label names. Recorded in the delta metadata
+    as ``extra["labels"]`` and passed to ``from_pretrained`` on load."""
+    id2label = config.get("id2label")
+    if not model_class or "Classification" not in model_class or not id2label:
+        return {}
+    return {
+        "id2label": {str(k): v for k, v in id2label.items()},
+        "label2id": {str(k): int(v) for k, v in (config.get("label2id") or {}).items()},
+    }
+
+
+def label_kwargs(meta: dict) -> dict:
+    """The ``from_pretrained`` keyword arguments that rebuild the head of [`label_fields`] from a delta's metadata
+    (integer label ids, as transformers keeps them in memory)."""
+    labels = (meta.get("extra") or {}).get("labels") or {}
+    if not labels:
+        return {}
+    return {"id2label": {int(k): v for k, v in labels["id2label"].items()}, "label2id": dict(labels["label2id"])}
 
 
 def check_scale_factor(factor: float) -> float:

@@ -27,6 +27,7 @@ from .format import (
     Fingerprinter,
     ShapeMismatchError,
     check_scale_factor,
+    label_fields,
     scale_entry_tensors,
 )
 from .linear_names import linear_weight_names_by_name
@@ -368,7 +369,8 @@ def compress_checkpoints(
     writer = ShardWriter(output_dir, max_shard_size, header={"method": method})
     with CheckpointReader(base_dir) as base_reader, CheckpointReader(ft_dir) as ft_reader:
         linear = checkpoint_linear_names(ft_dir, ft_reader, linear_names)
-        archs = (ft_reader.config() or {}).get("architectures") or []
+        ft_config = ft_reader.config() or {}
+        archs = ft_config.get("architectures") or []
         ft_to_base = align_names(base_reader.names(), ft_reader.names())
         base_to_ft = {b: f for f, b in ft_to_base.items()}
         # base tensors in sorted order (the fingerprint needs it), each with its fine-tuned counterpart; then the
@@ -423,6 +425,10 @@ def compress_checkpoints(
     entry_shard, shards = writer.finish()
     for name, info in entry_info.items():
         info["shard"] = entry_shard[name]
+    extra: dict = {} if scale_factor == 1.0 else {"scale_factor": scale_factor}
+    labels = label_fields(archs[0] if archs else None, ft_config)
+    if labels:
+        extra["labels"] = labels
     meta = build_metadata(
         entries=entry_info,
         shards=shards,
@@ -436,7 +442,7 @@ def compress_checkpoints(
         stats={"rel_error": summarize_errors(errors), "rel_error_per_matrix": errors},
         distillation=None,
         model_class=archs[0] if archs else None,
-        extra={} if scale_factor == 1.0 else {"scale_factor": scale_factor},
+        extra=extra,
         size=size_report(sizes, method),
     )
     write_json_atomic(output_dir / DELTA_CONFIG_NAME, meta)
