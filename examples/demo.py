@@ -4,7 +4,9 @@
 2. Fine-tune LoRA on Rotten Tomatoes sentences twice: undefended, and with the Obliviate defense.
 3. Print clean accuracy (CACC) and attack success rate (ASR) side by side; save both fine-tunes as artifacts for the
    Space (``demo-undefended``, ``demo-defended``).
-4. Push the defended fine-tune's BitDelta delta through a local Hub endpoint and pull it back (base verified).
+4. Push the defended fine-tune through a local Hub endpoint as its exact adapter and as a 1-bit merged delta, pull
+   each back (base verified) and evaluate it: the 1-bit merge brings the base's backdoor back (README, "Compression
+   can undo the defense").
 
 On 2 idle CPU cores: about 20 minutes the first time (planting ~12), about 10 afterwards (measured: 42 and 66 minutes
 on a machine shared with other jobs). ``--quick`` shrinks everything to check the plumbing (4 minutes, loaded).
@@ -80,6 +82,9 @@ def main() -> None:
         )
         fine_tune(model, tokenizer, train, training)
         results[name] = evaluate_backdoor(model, tokenizer, eval_set)
+        if defended:  # the exact adapter (LoRA factors + the trained head), pushed in step 4; saved before the merge
+            adapter = f"demo-out/{role}/adapter"
+            model.save_pretrained(adapter)
         # The Space probes these two models (a --quick run saves under other names, never over the real ones).
         info = {
             "attack": "por", "encoder": str(encoder), "triggers": list(triggers), "defended": defended,
@@ -98,40 +103,50 @@ def main() -> None:
     before, after = results["undefended"].asr, results["Obliviate"].asr
     if before > 0:
         print(f"ASR reduction: {100 * (before - after) / before:.1f}%")
-    push_and_pull(saved["defended"], encoder)
+    push_and_pull(adapter, encoder, saved["defended"], tokenizer, eval_set)
     print(f"({(time.time() - start) / 60:.1f} min)")
 
 
-def push_and_pull(model_dir, base_dir) -> None:
-    """Push the defended model's BitDelta delta through a local Hub endpoint and pull it back, as a user would with
-    the Hub (``hf-obliviate push`` / ``pull`` in subprocesses: huggingface_hub reads ``HF_ENDPOINT`` at import)."""
+def push_and_pull(adapter_dir, base_dir, merged_dir, tokenizer, eval_set) -> None:
+    """Push the defended fine-tune through a local Hub endpoint twice, as the exact LoRA adapter (``--lora factors``)
+    and as a 1-bit BitDelta merge (the default), pull each back (base verified) and evaluate what came back
+    (``hf-obliviate push`` / ``pull`` in subprocesses: huggingface_hub reads ``HF_ENDPOINT`` at import)."""
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
-    import torch
     from transformers import AutoModelForSequenceClassification
 
+    from hf_obliviate.evaluation import evaluate_backdoor
     from hf_obliviate.hub.local import LocalHub
 
-    print("[4/4] Pushing the defended fine-tune as a 1-bit delta through a local Hub endpoint, and pulling it back")
+    print("[4/4] Pushing the defended fine-tune through a local Hub endpoint, pulling it back and evaluating it")
+    full = sum(f.stat().st_size for f in Path(merged_dir).glob("*.safetensors"))
     with tempfile.TemporaryDirectory() as tmp, LocalHub(Path(tmp) / "hub", require_token="hf_demo") as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_demo", "HF_HUB_OFFLINE": "0"}
         cli = [sys.executable, "-m", "hf_obliviate.cli"]
-        repo = "local-user/minilm-por-lora-obliviate-delta"
-        common = ["--base_model", str(base_dir), "--repo_id", repo]
-        subprocess.run([*cli, "push", "--model", str(model_dir), *common], env=env, check=True)
-        rebuilt = Path(tmp) / "rebuilt"
-        subprocess.run([*cli, "pull", *common, "--output_dir", str(rebuilt)], env=env, check=True)
-        size = sum(f.stat().st_size for f in (Path(tmp) / "hub").rglob("*") if f.is_file())
-        full = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
-        ids = torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])
-        with torch.no_grad():
-            a = AutoModelForSequenceClassification.from_pretrained(model_dir)(input_ids=ids).logits
-            b = AutoModelForSequenceClassification.from_pretrained(rebuilt)(input_ids=ids).logits
-        print(f"      {repo} at {hub.endpoint}: {size / 2**20:.1f} MiB stored for a {full / 2**20:.1f} MiB model")
-        print(f"      logits on one sentence: fine-tune {a.squeeze().tolist()}, pulled {b.squeeze().tolist()}")
+        print(f"      local Hub at {hub.endpoint}; the full fine-tune is {full / 2**20:.1f} MiB")
+        pushes = (("factors", "exact adapter (--lora factors)"), ("merged", "1-bit merged delta (BitDelta)"))
+        for lora, label in pushes:
+            repo = f"local-user/minilm-por-lora-obliviate-{lora}"
+            common = ["--base_model", str(base_dir), "--repo_id", repo]
+            before = _folder_bytes(Path(tmp) / "hub")
+            subprocess.run([*cli, "push", "--model", str(adapter_dir), "--lora", lora, *common], env=env, check=True)
+            size = _folder_bytes(Path(tmp) / "hub") - before
+            rebuilt = Path(tmp) / f"rebuilt-{lora}"
+            subprocess.run([*cli, "pull", *common, "--output_dir", str(rebuilt)], env=env, check=True)
+            model = AutoModelForSequenceClassification.from_pretrained(rebuilt)
+            pulled = evaluate_backdoor(model, tokenizer, eval_set)
+            print(
+                f"      {label:<32} {size / 2**20:5.2f} MiB stored; pulled back: CACC {pulled.cacc:.3f} "
+                f"ASR {pulled.asr:.3f}"
+            )
+    print("      (a 1-bit merge keeps accuracy but can bring the base's backdoor back: push a defended LoRA exactly)")
+
+
+def _folder_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 if __name__ == "__main__":

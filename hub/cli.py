@@ -146,7 +146,9 @@ class PullConfig:
 
     base_model: str = field(default=None, metadata={"help": "Base model the delta was made for: Hub id or folder."})
     repo_id: str = field(default=None, metadata={"help": "Delta repo on the Hub, or a local delta folder."})
-    output_dir: str = field(default=None, metadata={"help": "Where to save the rebuilt model (save_pretrained)."})
+    output_dir: str = field(
+        default=None, metadata={"help": "Where to save the rebuilt model (save_pretrained; an adapter is merged in)."}
+    )
     revision: str | None = field(default=None, metadata={"help": "Revision of the delta repo."})
     base_revision: str | None = field(default=None, metadata={"help": "Revision of the base repo."})
 
@@ -232,10 +234,15 @@ def push_main(cfg: PushConfig):
 
 
 def pull_main(cfg: PullConfig) -> Path:
-    """Runs ``hf-obliviate pull``: verified load, then ``save_pretrained`` to ``output_dir``."""
+    """Runs ``hf-obliviate pull``: verified load, then ``save_pretrained`` to ``output_dir`` (an adapter stored as raw
+    factors is merged into its base first, so the folder always holds a standalone transformers model)."""
     from .load import load_compressed
 
+    from hf_obliviate.delta import is_peft_model
+
     model = load_compressed(cfg.base_model, cfg.repo_id, revision=cfg.revision, base_revision=cfg.base_revision)
+    if is_peft_model(model):  # an adapter stored as raw factors: save base + adapter as one standalone model
+        model = model.merge_and_unload()
     model.save_pretrained(cfg.output_dir)
     print(f"Rebuilt model saved to {cfg.output_dir}")
     return Path(cfg.output_dir)
