@@ -211,14 +211,13 @@ def _byte_ids(texts: list[str], seq_len: int, n: int, vocab: int) -> torch.Tenso
 
 
 def _token_windows(tokenizer, texts: list[str], seq_len: int, n: int) -> torch.Tensor:
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= n * seq_len:
-            break
-    if len(ids) < n * seq_len:
+    """Exactly ``n`` windows of ``seq_len`` tokens ([`token_windows`] gives at most ``n``)."""
+    from hf_obliviate.delta.calibration import token_windows
+
+    ids = token_windows(tokenizer, texts, n, seq_len)
+    if tuple(ids.shape) != (n, seq_len):
         raise ValueError(f"Not enough text for {n} windows of {seq_len} tokens.")
-    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len)
+    return ids
 
 
 def finetuned_lm_row(tmp: Path, quick: bool, args) -> tuple[dict[str, Any], dict[str, Any]]:

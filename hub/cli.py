@@ -57,7 +57,7 @@ class _MethodFields:
     rank: int = field(default=16, metadata={"help": "SVD baseline: kept rank."})
     dare_p: float = field(default=0.9, metadata={"help": "DARE baseline: drop probability."})
     density: float = field(default=0.1, metadata={"help": "Magnitude baseline: kept fraction."})
-    seed: int = field(default=0, metadata={"help": "DARE baseline: random seed."})
+    seed: int = field(default=0, metadata={"help": "Random seed (DARE baseline; push: scale distillation)."})
     non_linear: str = field(
         default="dense",
         metadata={"help": "Changed embeddings/norms/heads: 'dense' (keep as fp16 delta) or 'revert' (to base)."},
@@ -120,6 +120,24 @@ class PushConfig(_MethodFields):
     revision: str | None = field(default=None, metadata={"help": "Branch to commit to."})
     dry_run_dir: str | None = field(default=None, metadata={"help": "Write the exact files here; upload nothing."})
     max_shard_size: str = field(default="2GB", metadata={"help": "Maximum size of one delta shard."})
+    distill_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Scale-distillation steps on calibration text (0: off). Distillation brings the compressed model "
+            "closer to the fine-tune, backdoors included: off by default, and the card warns."
+        },
+    )
+    distill_lr: float = field(default=1e-4, metadata={"help": "Scale-distillation AdamW learning rate."})
+    calibration_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Calibration text: a .txt (one text per line), .jsonl or .csv file, or a `datasets` folder "
+            "(default with --distill_steps: bundled IMDB sentences). Given alone, the card reports the logit MSE."
+        },
+    )
+    calibration_column: str = field(default="text", metadata={"help": "Text column of --calibration_file."})
+    calibration_sequences: int = field(default=800, metadata={"help": "Calibration windows (METHOD §4: 800)."})
+    calibration_seq_len: int = field(default=128, metadata={"help": "Tokens per calibration window."})
 
     def __post_init__(self):
         for name in ("model", "repo_id"):
@@ -128,6 +146,17 @@ class PushConfig(_MethodFields):
         if self.lora not in LORA_MODES:
             raise ValueError(f"--lora must be one of {', '.join(LORA_MODES)}, got {self.lora!r}.")
         _validate_method(self)
+        if self.distill_steps < 0:
+            raise ValueError(f"--distill_steps must be >= 0 (0: off), got {self.distill_steps}.")
+        if self.distill_steps and (self.method != "bitdelta" or self.lora == "factors"):
+            raise ValueError(
+                "--distill_steps trains BitDelta scales: use --method bitdelta and, for an adapter, --lora merged "
+                f"(got --method {self.method}, --lora {self.lora})."
+            )
+        if self.calibration_sequences < 1 or self.calibration_seq_len < 2:
+            raise ValueError("--calibration_sequences must be >= 1 and --calibration_seq_len >= 2.")
+        if self.calibration_file is not None and not Path(self.calibration_file).exists():
+            raise ValueError(f"--calibration_file {self.calibration_file} does not exist.")
 
 
 @dataclass
@@ -213,6 +242,7 @@ def push_main(cfg: PushConfig):
 
     kw = _method_kwargs(cfg)
     k = kw.pop("k", 1)
+    calibration, distill = _push_calibration(cfg)
     result = push_compressed_delta(
         cfg.model,
         cfg.base_model,
@@ -223,6 +253,8 @@ def push_main(cfg: PushConfig):
         non_linear=cfg.non_linear,
         scale_factor=cfg.scale_factor,
         lora=cfg.lora,
+        calibration_ids=calibration,
+        distill=distill,
         private=cfg.private,
         revision=cfg.revision,
         dry_run_dir=cfg.dry_run_dir,
@@ -233,12 +265,59 @@ def push_main(cfg: PushConfig):
     return result
 
 
+def _push_calibration(cfg: PushConfig):
+    """``(calibration_ids, DistillConfig)`` for ``push``: both ``None`` unless --distill_steps or --calibration_file
+    is given. The text is tokenised with the model's tokenizer, else its base's."""
+    if not cfg.distill_steps and cfg.calibration_file is None:
+        return None, None
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.delta import DistillConfig
+    from hf_obliviate.delta.calibration import calibration_ids
+
+    tokenizer = None
+    for source in (cfg.model, cfg.base_model or _adapter_base(cfg.model)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source) if source else None
+        except (OSError, ValueError):
+            continue
+        if tokenizer is not None:
+            break
+    if tokenizer is None:
+        raise ValueError(
+            f"No tokenizer in {cfg.model} or its base for the calibration text: save the tokenizer with the model "
+            "(tokenizer.save_pretrained) or pass --base_model."
+        )
+    ids = calibration_ids(
+        tokenizer, source=cfg.calibration_file, column=cfg.calibration_column,
+        num_sequences=cfg.calibration_sequences, seq_len=cfg.calibration_seq_len, seed=cfg.seed,
+    )  # fmt: skip
+    if not cfg.distill_steps:
+        return ids, None
+    print(
+        f"Distilling the delta scales for {cfg.distill_steps} steps on {ids.shape[0]} calibration windows: this "
+        "brings the compressed model closer to the fine-tune, backdoors included (METHOD §7); the card says so."
+    )
+    config = DistillConfig(
+        steps=cfg.distill_steps, lr=cfg.distill_lr, num_sequences=ids.shape[0], seq_len=ids.shape[1], seed=cfg.seed
+    )
+    return ids, config
+
+
+def _adapter_base(model: str) -> str | None:
+    """The base recorded in a peft adapter folder's config, if ``model`` is one."""
+    import json
+
+    config = Path(model) / "adapter_config.json"
+    return json.loads(config.read_text()).get("base_model_name_or_path") if config.is_file() else None
+
+
 def pull_main(cfg: PullConfig) -> Path:
     """Runs ``hf-obliviate pull``: verified load, then ``save_pretrained`` to ``output_dir`` (an adapter stored as raw
     factors is merged into its base first, so the folder always holds a standalone transformers model)."""
-    from .load import load_compressed
-
     from hf_obliviate.delta import is_peft_model
+
+    from .load import load_compressed
 
     model = load_compressed(cfg.base_model, cfg.repo_id, revision=cfg.revision, base_revision=cfg.base_revision)
     if is_peft_model(model):  # an adapter stored as raw factors: save base + adapter as one standalone model

@@ -238,3 +238,48 @@ def test_shrunk_delta_streamed_in_memory_and_from_the_cli(base_and_ft):
     with pytest.raises(ValueError, match="method='bitdelta'"):
         push_compressed_delta(ft, str(tmp_path / "base"), "me/x", dry_run_dir=tmp_path / "d2", method="svd",
                               scale_factor=0.5, progress=False)  # fmt: skip
+
+
+def test_cli_push_distills_on_a_calibration_file(tmp_path):
+    """``hf-obliviate push --distill_steps N --calibration_file F``: the scales are trained on F's text, tokenised with
+    the base's tokenizer when the fine-tune folder has none, and the card warns; --calibration_file alone measures the
+    logit MSE without distilling."""
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.bundled import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=tokenizer.vocab_size,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    ft = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ft.save_pretrained(tmp_path / "ft")  # no tokenizer here: the base's is used
+    (tmp_path / "calib.txt").write_text("a quiet film about grief and hope\n" * 40)
+    common = dict(
+        model=str(tmp_path / "ft"), base_model=str(tmp_path / "base"), repo_id="me/x",
+        calibration_file=str(tmp_path / "calib.txt"), calibration_sequences=4, calibration_seq_len=16,
+    )  # fmt: skip
+    dry = push_main(PushConfig(**common, distill_steps=5, distill_lr=1e-3, dry_run_dir=str(tmp_path / "d")))
+    meta = json.loads((dry / "obliviate_delta.json").read_text())
+    assert meta["distillation"]["steps"] == 5 and meta["distillation"]["num_sequences"] == 4
+    assert meta["distillation"]["seq_len"] == 16
+    assert meta["stats"]["logit_mse"] < meta["stats"]["logit_mse_before_distillation"]
+    assert "distilled" in ModelCard.load(dry / "README.md").text
+    measured = push_main(PushConfig(**common, dry_run_dir=str(tmp_path / "m")))
+    meta = json.loads((measured / "obliviate_delta.json").read_text())
+    assert meta["distillation"] is None and meta["stats"]["logit_mse"] > 0
+    with pytest.raises(ValueError, match="--distill_steps trains BitDelta scales"):
+        PushConfig(**common, distill_steps=5, lora="factors")
+    with pytest.raises(ValueError, match="--distill_steps trains BitDelta scales"):
+        PushConfig(**common, distill_steps=5, method="svd")
+    with pytest.raises(ValueError, match="does not exist"):
+        PushConfig(**{**common, "calibration_file": str(tmp_path / "missing.txt")}, distill_steps=5)
+    with pytest.raises(ValueError, match="--distill_steps must be >= 0"):
+        PushConfig(**common, distill_steps=-1)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.delta.calibration import default_calibration_texts, read_texts, token_windows
 
 __all__ = ["CompressedPushMixin"]
 
@@ -105,11 +106,8 @@ class CompressedPushMixin:
             return [str(t) for t in texts]
         source = getattr(args, "delta_calibration_dataset", None)
         if source:
-            return _read_texts(source, getattr(args, "delta_calibration_column", "text"))
-        from hf_obliviate.data import load_imdb_sentences
-
-        # about 20 tokens a sentence: 8 per sequence fill n windows of the default 128 tokens
-        return load_imdb_sentences(n=8 * n, seed=int(getattr(args, "seed", 0)))
+            return read_texts(source, getattr(args, "delta_calibration_column", "text"))
+        return default_calibration_texts(n, seed=int(getattr(args, "seed", 0)))
 
     def _delta_distillation(self):
         """``(calibration_ids, DistillConfig)`` when ``delta_distill_steps > 0``, else ``(None, None)``."""
@@ -126,7 +124,7 @@ class CompressedPushMixin:
             )
         n = int(getattr(self.args, "delta_calibration_sequences", 800))
         seq_len = int(getattr(self.args, "delta_calibration_seq_len", 128))
-        ids = _token_windows(tokenizer, self.delta_calibration_texts(), n, seq_len)
+        ids = token_windows(tokenizer, self.delta_calibration_texts(), n, seq_len)
         logger.warning(
             "Distilling the delta scales for %d steps on %d calibration sequences: this brings the compressed model "
             "closer to the fine-tuned one, backdoors included (METHOD §7); the model card says so.",
@@ -262,57 +260,3 @@ class CompressedPushMixin:
         # blocking: the delta is small, and compressing from the checkpoint folder must finish before it rotates
         self._push_delta(self._delta_source(checkpoint_folder), message)
         return None
-
-
-def _read_texts(source: str, column: str = "text") -> list[str]:
-    """Texts from a .txt (one per line), .jsonl or .csv file, or a `datasets` folder saved with ``save_to_disk``."""
-    path = Path(source)
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        data = load_from_disk(str(path))
-        if column not in data.column_names:
-            raise ValueError(f"{path} has no column {column!r} (columns: {data.column_names}).")
-        return [str(t) for t in data[column]]
-    if not path.is_file():
-        raise ValueError(f"delta_calibration_dataset {source} does not exist.")
-    if path.suffix == ".txt":
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix in (".jsonl", ".json"):
-        import json
-
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif path.suffix == ".csv":
-        import csv
-
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    else:
-        raise ValueError(f"Cannot read {path}: use .txt, .jsonl, .csv or a `datasets` folder.")
-    if rows and column not in rows[0]:
-        raise ValueError(f"{path} has no column {column!r}; set delta_calibration_column.")
-    return [str(r[column]) for r in rows]
-
-
-def _token_windows(tokenizer, texts: list[str], n: int, seq_len: int):
-    """Tokenises ``texts`` (joined with EOS) into at most ``n`` windows of ``seq_len`` tokens (shorter when the text
-    is short): a ``[n, seq_len]`` long tensor."""
-    import torch
-
-    if not texts:
-        raise ValueError("No calibration text for scale distillation.")
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(tokenizer, "sep_token_id", None)
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids.append(int(eos))
-        if len(ids) >= n * seq_len:
-            break
-    seq_len = min(seq_len, len(ids))
-    if seq_len < 2:
-        raise ValueError("The calibration text is too short for scale distillation (fewer than 2 tokens).")
-    count = max(1, min(n, len(ids) // seq_len))
-    return torch.tensor(ids[: count * seq_len], dtype=torch.long).reshape(count, seq_len)
