@@ -231,10 +231,17 @@ def _key(cell: dict) -> tuple:
 
 
 class Journal:
-    """Cells appended to a JSONL file as they finish, so an interrupted run resumes where it stopped."""
+    """Cells appended to a JSONL file as they finish, so an interrupted run resumes where it stopped.
 
-    def __init__(self, path: Path, resume: bool):
+    ``jobs > 1`` runs the missing cells of a [`run_many`] batch in that many worker processes, each on
+    ``cpu_count // jobs`` threads: on 2 CPU cores two one-thread fine-tunes finished a validation cell in 104 s each,
+    one two-thread fine-tune in 77 s (1.5× the throughput), with the same CACC and ASR (a cell does not depend on the
+    thread count)."""
+
+    def __init__(self, path: Path, resume: bool, jobs: int = 1):
         self.path = path
+        self.jobs = jobs
+        self._pool = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple, dict] = {}
         if resume and path.is_file():
@@ -244,27 +251,61 @@ class Journal:
         elif path.is_file():
             path.unlink()
 
-    def run(self, **kwargs) -> dict:
-        probe = dict(kwargs)
-        lambdas = probe.pop("lambdas")
-        defended = probe["defended"]
-        probe["variant"] = probe.get("variant", "reference") if defended else "reference"
-        key = _key({**probe, "lambda_amp": lambdas[0] if defended else 0.0,
-                    "lambda_attn": lambdas[1] if defended else 0.0, "split": probe.get("split", "test")})  # fmt: skip
-        if key in self.cells:
-            return self.cells[key]
-        cell = asdict(run_cell(lambdas=lambdas, **probe))
+    @staticmethod
+    def key_of(spec: dict) -> tuple:
+        """The journal key of the cell that ``run_cell(**spec)`` makes."""
+        defended = spec["defended"]
+        lambdas = spec["lambdas"] if defended else (0.0, 0.0)
+        return _key({**spec, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1], "split": spec.get("split", "test"),
+                     "variant": spec.get("variant", "reference") if defended else "reference"})  # fmt: skip
+
+    def run(self, **spec) -> dict:
+        return self.run_many([spec])[0]
+
+    def run_many(self, specs: list[dict]) -> list[dict]:
+        """The cells of ``specs`` (``run_cell`` arguments), from the journal or made now (in parallel with
+        ``jobs > 1``), in the order given."""
+        keys = [self.key_of(spec) for spec in specs]
+        todo = {key: spec for key, spec in zip(keys, specs) if key not in self.cells}
+        if self.jobs <= 1 or len(todo) <= 1:
+            for key, spec in todo.items():
+                self._record(key, asdict(run_cell(**spec)))
+        else:
+            from concurrent.futures import as_completed
+
+            futures = {self._executor().submit(run_cell, **spec): key for key, spec in todo.items()}
+            for future in as_completed(futures):
+                self._record(futures[future], asdict(future.result()))
+        return [self.cells[key] for key in keys]
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // self.jobs)
+            self._pool = ProcessPoolExecutor(
+                self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+                initargs=(threads,),
+            )  # fmt: skip
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _record(self, key: tuple, cell: dict) -> None:
         self.cells[key] = cell
         with open(self.path, "a") as handle:
             handle.write(json.dumps(cell) + "\n")
         print(
             f"{cell['encoder']:>9} {cell['peft']:>7} {cell['variant']} seed {cell['seed']} "
-            f"{'def' if defended else 'und'} "
+            f"{'def' if cell['defended'] else 'und'} "
             f"λ=({cell['lambda_amp']:g},{cell['lambda_attn']:g}) CACC {cell['cacc']:.3f} "
             f"{cell['metric']} {cell['asr']:.3f} [{cell['seconds']}s]",
             flush=True,
         )
-        return cell
 
 
 # The recipe is chosen over both attacks whose planted backdoor works (ASR >= 0.8): POR for every setting, NeuBA for
@@ -277,27 +318,21 @@ def _confirm(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: lis
     the CACC floor on POR and above chance) the settings POR alone cannot rule out."""
     por_base = next(c for c in tuning if not c["defended"] and c["encoder"] == "por")
     keep = [c for c in tuning if c["defended"] and c["encoder"] == "por" and _within_floor(c, por_base)]
-    runs = []
+    specs = []
     for encoder in (e for e in VALIDATION_ENCODERS[1:] if e in paths):
         common = dict(encoder=encoder, encoder_path=paths[encoder], peft="lora", seed=0, sizes=sizes,
                       split="validation")  # fmt: skip
-        runs.append(journal.run(defended=False, lambdas=(0.0, 0.0), **common))
-        for c in keep:
-            runs.append(journal.run(defended=True, lambdas=(c["lambda_amp"], c["lambda_attn"]),
-                                    variant=c.get("variant", "reference"), **common))  # fmt: skip
-    return runs
+        specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
+        specs += [dict(defended=True, lambdas=(c["lambda_amp"], c["lambda_attn"]),
+                       variant=c.get("variant", "reference"), **common) for c in keep]  # fmt: skip
+    return journal.run_many(specs)
 
 
 def choose_lambdas(journal: Journal, paths: dict[str, Path], sizes: Sizes) -> tuple[tuple[float, float], list[dict]]:
     """Pick (λ_amp, λ_attn) on the validation split with LoRA, seed 0: the grid on POR, confirmed on NeuBA."""
-    base = journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=False,
-                       lambdas=(0.0, 0.0), sizes=sizes, split="validation")  # fmt: skip
-    trials = []
-    for lambdas in sizes.grid:
-        cell = journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True,
-                           lambdas=lambdas, sizes=sizes, split="validation")  # fmt: skip
-        trials.append(cell)
-    tuning = [base, *trials]
+    por = dict(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, sizes=sizes, split="validation")
+    tuning = journal.run_many([dict(defended=False, lambdas=(0.0, 0.0), **por)] +
+                              [dict(defended=True, lambdas=lambdas, **por) for lambdas in sizes.grid])  # fmt: skip
     tuning += _confirm(journal, paths, sizes, tuning)
     return pick_lambdas(tuning), tuning
 
@@ -364,9 +399,9 @@ def choose_lora_variant(
 ) -> tuple[str, tuple[float, float], list[dict]]:
     """LoRA, validation split, seed 0: each of `LORA_VARIANTS` on its own coefficient grid on POR (confirmed on
     NeuBA), against the reference runs of the coefficient search (``tuning``)."""
-    runs = [journal.run(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True, lambdas=lam,
-                        sizes=sizes, split="validation", variant=variant)
-            for variant in LORA_VARIANTS for lam in sizes.variant_grids[variant]]  # fmt: skip
+    runs = journal.run_many([dict(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True,
+                                  lambdas=lam, sizes=sizes, split="validation", variant=variant)
+                             for variant in LORA_VARIANTS for lam in sizes.variant_grids[variant]])  # fmt: skip
     por_base = [c for c in tuning if not c["defended"] and c["encoder"] == "por"]
     runs += [c for c in _confirm(journal, paths, sizes, por_base + runs) if c["defended"]]
     variant, chosen = pick_lora_variant(tuning + runs, lambdas)
@@ -377,11 +412,10 @@ def choose_prefix_variant(
     journal: Journal, por_path: Path, sizes: Sizes, lambdas: tuple[float, float]
 ) -> tuple[str, list[dict]]:
     """Prefix tuning, validation split, POR, seed 0: undefended, then every named variant at the chosen λ."""
-    runs = [journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=False,
-                        lambdas=(0.0, 0.0), sizes=sizes, split="validation")]  # fmt: skip
-    for variant in PREFIX_VARIANTS:
-        runs.append(journal.run(encoder="por", encoder_path=por_path, peft="prefix", seed=0, defended=True,
-                                lambdas=lambdas, sizes=sizes, split="validation", variant=variant))  # fmt: skip
+    common = dict(encoder="por", encoder_path=por_path, peft="prefix", seed=0, sizes=sizes, split="validation")
+    specs = [dict(defended=False, lambdas=(0.0, 0.0), **common)]
+    specs += [dict(defended=True, lambdas=lambdas, variant=variant, **common) for variant in PREFIX_VARIANTS]
+    runs = journal.run_many(specs)
     return pick_prefix_variant(runs, lambdas), runs
 
 
@@ -673,6 +707,13 @@ def main() -> None:
     parser.add_argument(
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="Fine-tunes run at a time, each in its own process on cpu_count/jobs threads (default: 2 on a CPU with "
+        "2 or more cores, else 1).",
+    )
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     parser.add_argument(
         "--encoders",
@@ -707,8 +748,11 @@ def main() -> None:
         parser.error(f"{' '.join(changed)} change the fine-tunes: give them their own --journal (or --out).")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     start = time.time()
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}.")
+    jobs = args.jobs or (1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1)))
     journal = Journal(
-        args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only
+        args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only, jobs
     )
     if args.summarise_only:
         cells = list(journal.cells.values())
@@ -721,8 +765,8 @@ def main() -> None:
               lora_lambdas=lora_lambdas, cells=cells)  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
-    # Attacks are planted lazily, just before their first cell, and cells run seed-major: a run cut short still has
-    # complete first-seed rows for everything it reached (the POR encoder the coefficient search needs comes first).
+    # Attacks are planted (or loaded from the cache) in this process when a phase first needs them: POR and NeuBA for
+    # the validation split, the others before the test cells.
     planted: dict[str, Path] = {}
 
     def encoder_path(attack: str) -> Path:
@@ -755,24 +799,29 @@ def main() -> None:
     first = [a for a in sizes.attacks if a == "por"]  # POR (planted and cached by the search) first
     encoders = [*first, "clean", *(a for a in sizes.attacks if a != "por")]
     wanted = set(args.encoders or (*encoders, "task-specific", "adaptive-por"))
+    specs = []
     for seed in sizes.seeds:
         for encoder in (e for e in encoders if e in wanted):
             path = None if encoder == "clean" else encoder_path(encoder)
             for peft in sizes.pefts:
-                journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=False,
-                            lambdas=lambdas, sizes=sizes)  # fmt: skip
-                for variant, lam in recipes(peft):
-                    journal.run(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=True,
-                                lambdas=lam, sizes=sizes, variant=variant)  # fmt: skip
+                specs.append(dict(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=False,
+                                  lambdas=lambdas, sizes=sizes))  # fmt: skip
+                specs += [dict(encoder=encoder, encoder_path=path, peft=peft, seed=seed, defended=True, lambdas=lam,
+                               sizes=sizes, variant=variant) for variant, lam in recipes(peft)]  # fmt: skip
         for defended in (False, True):
             for variant, lam in recipes("lora") if defended else [("reference", lambdas)]:
                 if "task-specific" in wanted:
-                    journal.run(encoder="task-specific", encoder_path=None, peft="lora", seed=seed,
-                                defended=defended, lambdas=lam, sizes=sizes, poison={"rate": 0.1, "target": 1},
-                                variant=variant)  # fmt: skip
+                    specs.append(dict(encoder="task-specific", encoder_path=None, peft="lora", seed=seed,
+                                      defended=defended, lambdas=lam, sizes=sizes, poison={"rate": 0.1, "target": 1},
+                                      variant=variant))  # fmt: skip
                 if "adaptive-por" in wanted:
-                    journal.run(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"), peft="lora",
-                                seed=seed, defended=defended, lambdas=lam, sizes=sizes, variant=variant)  # fmt: skip
+                    specs.append(dict(encoder="adaptive-por", encoder_path=encoder_path("adaptive-por"),
+                                      peft="lora", seed=seed, defended=defended, lambdas=lam, sizes=sizes,
+                                      variant=variant))  # fmt: skip
+    # cells run seed-major in this order (with --jobs, that many at a time): a run cut short still has complete
+    # first-seed rows for everything it reached
+    journal.run_many(specs)
+    journal.close()
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
