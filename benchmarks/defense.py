@@ -55,12 +55,14 @@ VARIANT_GRIDS = {
 
 @dataclass
 class Sizes:
-    """Run sizes, chosen to fit a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached), the ≈ 73 fine-tunes of 100 steps, each evaluated on 200 sentences × (1 + 3 triggers)
-    copies, about 1.2 min each on idle cores. LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR
-    encoder; at 60 steps and lr 5e-4 it stayed at chance, 0.55). Under contention run it with ``OMP_NUM_THREADS=1``:
-    two threads competing with other processes were 7× slower per step here. On a GPU use e.g. ``--train 4000
-    --epochs 2 --eval-n 1000 --out results/defense_gpu`` (other fine-tunes need their own journal)."""
+    """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
+    hour there (once; cached), then 24 validation and 68 test fine-tunes of 100 steps, each evaluated on 200
+    sentences × (1 + 3 triggers) copies. On 2 idle cores one such fine-tune takes 77 s on two threads, and two run side
+    by side on one thread each in 104 s (``--jobs 2``, the default there). Measured that way: the validation split and
+    the POR and clean test rows (48 of the 92 fine-tunes) in 49.8 minutes; about 87 projected for all.
+    LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR encoder; at 60 steps and lr 5e-4 it stayed
+    at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu`` (other
+    fine-tunes need their own journal)."""
 
     train: int = 1600
     epochs: float = 1.0
