@@ -132,7 +132,8 @@ class PushConfig(_MethodFields):
         default=None,
         metadata={
             "help": "Calibration text: a .txt (one text per line), .jsonl or .csv file, or a `datasets` folder "
-            "(default with --distill_steps: bundled IMDB sentences). Given alone, the card reports the logit MSE."
+            "(default with --distill_steps: bundled IMDB sentences). Given alone, the card of a compressed delta "
+            "reports its logit MSE to the fine-tune."
         },
     )
     calibration_column: str = field(default="text", metadata={"help": "Text column of --calibration_file."})
