@@ -198,8 +198,8 @@ class CompressedPushMixin:
             "planted in the base model lives in that delta, and compression can undo it (the README measures a "
             "defended LoRA on a POR-backdoored MiniLM: ASR 0.25 fine-tuned, 1.00 after BitDelta k=1 or k=2, 0.31 "
             "with the scales distilled on clean text). For a LoRA fine-tune set delta_lora='factors' to upload the "
-            "exact adapter (about as small); otherwise consider delta_distill_steps, and evaluate the compressed "
-            "model before publishing it."
+            "exact adapter (0.58 MiB in fp32 against 0.23 MiB for the 1-bit merge there); otherwise consider "
+            "delta_distill_steps, and evaluate the compressed model before publishing it."
         )
 
     def _delta_source(self, folder: str | None):
