@@ -261,9 +261,6 @@ class Journal:
         return _key({**spec, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1], "split": spec.get("split", "test"),
                      "variant": spec.get("variant", "reference") if defended else "reference"})  # fmt: skip
 
-    def run(self, **spec) -> dict:
-        return self.run_many([spec])[0]
-
     def run_many(self, specs: list[dict]) -> list[dict]:
         """The cells of ``specs`` (``run_cell`` arguments), from the journal or made now (in parallel with
         ``jobs > 1``), in the order given."""
