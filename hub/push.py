@@ -252,7 +252,7 @@ def _write_lora_factors(ft, base_model, base_revision, token, output_dir: Path, 
         (output_dir / "README.md").unlink()
     adapter_bytes = (output_dir / "adapter_model.safetensors").stat().st_size
     model_class = model_class_name(ft.get_base_model())
-    labels = label_fields(model_class, ft.get_base_model().config.to_dict())
+    labels = label_fields(model_class, ft.get_base_model().config.to_dict())  # {"labels": ...} or {}
     meta = build_metadata(
         entries={},
         shards={},
@@ -267,7 +267,7 @@ def _write_lora_factors(ft, base_model, base_revision, token, output_dir: Path, 
         distillation=None,
         model_class=model_class,
         extra={
-            **({"labels": labels} if labels else {}),
+            **labels,
             "lora_tradeoff": tradeoff,
             "lora_mode": "factors",
             "adapter_files": ["adapter_config.json", "adapter_model.safetensors"],

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_obliviate.config import ObliviateConfig
-from hf_obliviate.delta.calibration import default_calibration_texts, read_texts, token_windows
+from hf_obliviate.delta.calibration import calibration_texts, token_windows
 
 __all__ = ["CompressedPushMixin"]
 
@@ -100,14 +100,11 @@ class CompressedPushMixin:
         """Calibration texts for scale distillation: ``delta_calibration_texts``, else ``delta_calibration_dataset``
         (column ``delta_calibration_column``), else the bundled IMDB sentences. Override to supply your own."""
         args = self.args
+        texts = getattr(args, "delta_calibration_texts", None) or None
+        source = None if texts else getattr(args, "delta_calibration_dataset", None) or None  # the texts come first
         n = int(getattr(args, "delta_calibration_sequences", 800))
-        texts = getattr(args, "delta_calibration_texts", None)
-        if texts:
-            return [str(t) for t in texts]
-        source = getattr(args, "delta_calibration_dataset", None)
-        if source:
-            return read_texts(source, getattr(args, "delta_calibration_column", "text"))
-        return default_calibration_texts(n, seed=int(getattr(args, "seed", 0)))
+        column = getattr(args, "delta_calibration_column", "text")
+        return calibration_texts(texts, source, column, n, int(getattr(args, "seed", 0)))
 
     def _delta_distillation(self):
         """``(calibration_ids, DistillConfig)`` when ``delta_distill_steps > 0``, else ``(None, None)``."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["calibration_ids", "default_calibration_texts", "read_texts", "token_windows"]
+__all__ = ["calibration_ids", "calibration_texts", "read_texts", "token_windows"]
 
 # bundled IMDB sentences are about 20 tokens long: 8 of them fill a window of the default 128 tokens
 SENTENCES_PER_WINDOW = 8
@@ -48,8 +48,21 @@ def read_texts(source: str | Path, column: str = "text") -> list[str]:
     return [str(r[column]) for r in rows]
 
 
-def default_calibration_texts(num_sequences: int, seed: int = 0) -> list[str]:
-    """Bundled IMDB sentences, enough for ``num_sequences`` windows of 128 tokens."""
+def calibration_texts(
+    texts: list[str] | None = None,
+    source: str | Path | None = None,
+    column: str = "text",
+    num_sequences: int = 800,
+    seed: int = 0,
+) -> list[str]:
+    """``texts``, else the texts of the file or dataset ``source`` (column ``column``), else bundled IMDB sentences,
+    enough for ``num_sequences`` windows of 128 tokens."""
+    if texts is not None and source is not None:
+        raise ValueError("Pass calibration texts or a calibration file, not both.")
+    if texts is not None:
+        return [str(t) for t in texts]
+    if source is not None:
+        return read_texts(source, column)
     from hf_obliviate.data import load_imdb_sentences
 
     return load_imdb_sentences(n=SENTENCES_PER_WINDOW * num_sequences, seed=seed)
@@ -92,10 +105,6 @@ def calibration_ids(
     seq_len: int = 128,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Token windows of ``texts``, else of the file or dataset ``source`` (column ``column``), else of the bundled
-    IMDB sentences: at most ``num_sequences`` × ``seq_len`` (METHOD §4: 800 × 128)."""
-    if texts is not None and source is not None:
-        raise ValueError("Pass calibration texts or a calibration file, not both.")
-    if texts is None:
-        texts = read_texts(source, column) if source is not None else default_calibration_texts(num_sequences, seed)
-    return token_windows(tokenizer, [str(t) for t in texts], num_sequences, seq_len)
+    """Token windows of [`calibration_texts`]: at most ``num_sequences`` × ``seq_len`` (METHOD §4: 800 × 128)."""
+    texts = calibration_texts(texts, source, column, num_sequences, seed)
+    return token_windows(tokenizer, texts, num_sequences, seq_len)

@@ -197,9 +197,7 @@ def compress_model(
         **kwargs,
     )
     config = getattr(ft_model, "config", None)
-    labels = label_fields(model_class, config.to_dict() if hasattr(config, "to_dict") else {})
-    if labels:
-        delta.extra["labels"] = labels
+    delta.extra.update(label_fields(model_class, config.to_dict() if hasattr(config, "to_dict") else {}))
     return delta
 
 

@@ -238,17 +238,20 @@ LORA_MODES = ("merged", "factors")
 
 
 def label_fields(model_class: str | None, config: dict) -> dict:
-    """The label settings a rebuilt classifier needs from its fine-tune's config (``{}`` for other models).
+    """``{"labels": ...}``, the entry of the delta metadata's ``extra`` that holds the label settings a rebuilt
+    classifier needs from its fine-tune's config (``{}`` for other models), to merge into ``extra``.
 
     The loader builds the base with the fine-tune's class; a classification head sized or named from the base's own
-    config would lose the fine-tune's label count (a shape error) or its label names. Recorded in the delta metadata
-    as ``extra["labels"]`` and passed to ``from_pretrained`` on load."""
+    config would lose the fine-tune's label count (a shape error) or its label names. [`label_kwargs`] passes them to
+    ``from_pretrained`` on load."""
     id2label = config.get("id2label")
     if not model_class or "Classification" not in model_class or not id2label:
         return {}
     return {
-        "id2label": {str(k): v for k, v in id2label.items()},
-        "label2id": {str(k): int(v) for k, v in (config.get("label2id") or {}).items()},
+        "labels": {
+            "id2label": {str(k): v for k, v in id2label.items()},
+            "label2id": {str(k): int(v) for k, v in (config.get("label2id") or {}).items()},
+        }
     }
 
 

@@ -425,10 +425,9 @@ def compress_checkpoints(
     entry_shard, shards = writer.finish()
     for name, info in entry_info.items():
         info["shard"] = entry_shard[name]
-    extra: dict = {} if scale_factor == 1.0 else {"scale_factor": scale_factor}
-    labels = label_fields(archs[0] if archs else None, ft_config)
-    if labels:
-        extra["labels"] = labels
+    extra = label_fields(archs[0] if archs else None, ft_config)
+    if scale_factor != 1.0:
+        extra["scale_factor"] = scale_factor
     meta = build_metadata(
         entries=entry_info,
         shards=shards,
