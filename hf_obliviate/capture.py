@@ -683,6 +683,12 @@ class AttentionLogitCapture:
                     "`set_attn_implementation`, or train with `lambda_attn=0`."
                 )
 
+    @property
+    def configs(self) -> list:
+        """The transformers configs of the model's attention stacks: the capture switches their attention
+        implementation inside [`record`] (their ``num_hidden_layers`` give the depth of each stack)."""
+        return list(self._configs)
+
     @contextmanager
     def record(
         self,

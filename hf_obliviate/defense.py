@@ -151,7 +151,7 @@ class ObliviateDefense:
                 virtual_keys=self.config.attn_virtual_keys,
                 centre=self.config.attn_centre,
             )
-            _check_layer_weights(self.capture._configs, self.config.attn_layer_weights)
+            _check_layer_weights(self.capture.configs, self.config.attn_layer_weights)
         self.token_pool: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
         if self.config.lambda_consistency > 0:

@@ -17,6 +17,9 @@ def test_capture_keeps_outputs_and_restores_config(family, impl):
     batch.pop("labels")
     reference = model(**batch).logits
     capture = AttentionLogitCapture(model)
+    assert any(config is model.config for config in capture.configs)  # the configs it switches, read-only copy
+    capture.configs.clear()
+    assert capture.configs
     with capture.record(attention_mask=batch["attention_mask"]) as record:
         assert model.config._attn_implementation == f"obliviate:{impl}"
         logits = model(**batch).logits
