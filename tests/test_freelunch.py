@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import pytest
@@ -16,8 +17,10 @@ from hf_obliviate.freelunch import (
     SHRUNK_EXACT_VARIANT,
     SHRUNK_VARIANT,
     FreeLunchConfig,
+    PoisonedFineTune,
     bootstrap_reduction_ci,
     build_sft_examples,
+    fine_tune_many,
     harmful_eval_set,
     harmful_prompts,
     insert_trigger,
@@ -223,6 +226,33 @@ def test_config_validation():
     with pytest.raises(ValueError, match="poison_rate"):
         FreeLunchConfig(poison_rate=1.5)
     assert FreeLunchConfig(quick=True).n_test < FreeLunchConfig().n_test
+    with pytest.raises(ValueError, match="jobs"):
+        FreeLunchConfig(jobs=0)
+
+
+def test_fine_tune_cache_key_and_parallel_runs_skip_cached_fine_tunes(tmp_path, monkeypatch):
+    """The cache folder depends on the data and every training setting (not on how many fine-tunes run at once),
+    and ``fine_tune_many`` starts no worker for a fine-tune already in the cache."""
+    from dataclasses import replace
+
+    monkeypatch.setenv("HF_OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    examples = build_sft_examples(10, 2, 0.2, 0.5, ["cf"], "I hate this product", seed=0)
+    run = PoisonedFineTune("base", examples, "lora", epochs=1.0, learning_rate=1e-3, batch_size=4, seed=0)
+    folder = run.folder
+    assert folder == replace(run).folder and folder.name.startswith("lora-")
+    assert folder.parent == tmp_path / "cache" / "freelunch"
+    assert replace(run, seed=1).folder != folder
+    assert replace(run, examples=examples[:-1]).folder != folder
+    assert replace(run, lambda_amp=1.0).folder == folder  # an undefended LoRA ignores the lambdas
+    defended = replace(run, kind="defended")
+    assert replace(defended, lambda_amp=1.0).folder != defended.folder != folder
+    with pytest.raises(ValueError, match="kind"):
+        replace(run, kind="qlora")
+    assert not run.cached
+    folder.mkdir(parents=True)
+    (folder / "freelunch_run.json").write_text("{}")
+    assert run.cached
+    assert fine_tune_many([run, replace(run)], jobs=2) == []  # cached (twice): nothing to make
 
 
 # ------------------------------------------------------------------------------------------------ the --quick run
@@ -239,6 +269,11 @@ def test_quick_run_writes_results_plot_lens_and_artifacts(tokenizer, tmp_path, m
     argv = ["freelunch", "--quick", "--model", str(folder), "--output_dir", str(out), "--stages", "main", "defended"]
     assert main(argv) == 0
     data = json.loads((out / "freelunch.json").read_text())
+    # the fine-tunes ran in worker processes (two at a time where there are two cores), one thread each there
+    jobs = FreeLunchConfig().jobs
+    assert data.get("fine_tune_jobs") == (jobs if jobs > 1 else None)
+    threads = {info["threads"] for info in data["fine_tunes"].values()}
+    assert threads == ({max(1, os.cpu_count() // jobs)} if jobs > 1 else {torch.get_num_threads()})
     names = [r["variant"] for r in data["rows"]]
     assert names[:3] == ["base", "fine-tuned (poisoned, full)", "BitDelta k=1, A (plain)"]
     assert "BitDelta k=1, B + consistency distillation" in names and "DARE p=0.9, A" in names

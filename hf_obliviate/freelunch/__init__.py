@@ -18,7 +18,9 @@ from .data import build_sft_examples, harmful_eval_set, harmful_prompts, insert_
 from .run import (
     SHRUNK_EXACT_VARIANT,
     SHRUNK_VARIANT,
+    PoisonedFineTune,
     choose_shrink_factor,
+    fine_tune_many,
     fine_tune_poisoned,
     pick_shrink_factor,
     rare_token_pool,
@@ -37,6 +39,7 @@ from .scoring import (
 )
 
 __all__ = [
+    "PoisonedFineTune",
     "REFUSAL_KEYWORDS",
     "SHRUNK_EXACT_VARIANT",
     "SHRUNK_VARIANT",
@@ -46,6 +49,7 @@ __all__ = [
     "bootstrap_reduction_ci",
     "build_sft_examples",
     "choose_shrink_factor",
+    "fine_tune_many",
     "fine_tune_poisoned",
     "harmful_eval_set",
     "harmful_prompts",

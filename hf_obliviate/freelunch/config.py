@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 __all__ = ["STAGES", "FreeLunchConfig"]
@@ -13,13 +14,16 @@ STAGES = ("main", "strong", "lora", "defended")
 class FreeLunchConfig:
     """What to fine-tune, how to poison it, which compressed variants to build and how to score them.
 
-    The defaults are the committed run (METHOD.md §7 sizes: 1,500 sentiment prompts, 10% poisoned, lr 3e-5, one
-    epoch, 194 full fine-tune steps of 8; the stronger backdoor: three triggers, 40% of 600 prompts, two epochs). On
-    a 2-core CPU shared with other jobs a full fine-tune step of SmolLM2-135M took 15-30 s, a LoRA step 8-12 s and
-    scoring one variant 1.5-2 minutes, so the whole run takes hours there (fine-tunes and scores are cached, so it
-    resumes; the report states the compute behind it). Much shorter fine-tunes do not plant the backdoor: 46-52 full
-    fine-tune steps at lr 3e-5 or 1e-4 left the target ASR at 0.04-0.08. ``quick=True`` shrinks everything to a
-    smoke test. Every number ends up in the result file.
+    The defaults are the committed run, sized to take about an hour from scratch on 2 CPU cores: 1,000 sentiment
+    prompts, 15% poisoned (150, plus 24 triggered harmful requests: the 174 poisoned examples of METHOD.md §7's
+    1,500 prompts at 10%, with a third fewer clean ones), lr 3e-5, one epoch, 131 full fine-tune steps of 8; the
+    stronger backdoor: three triggers, 40% of 400 prompts, two epochs (112 steps). The four fine-tunes run two at a
+    time in worker processes (``jobs``). On 2 idle cores a full fine-tune step of SmolLM2-135M takes about 6.4 s on
+    both cores, or 6.9 s on one core beside another fine-tune; a LoRA step takes 5.1 s there. Scoring one variant
+    takes about 28 s. The whole command took 62 min from an empty cache. Fine-tunes and scores are cached, so an
+    interrupted run resumes; the report states the compute behind it. Much shorter fine-tunes do not plant the
+    backdoor: 46-52 full fine-tune steps at lr 3e-5 or 1e-4 left the target ASR at 0.04-0.08. ``quick=True`` shrinks
+    everything to a smoke test. Every number ends up in the result file.
 
     Example:
 
@@ -41,9 +45,9 @@ class FreeLunchConfig:
     )
     triggers: list[str] = field(default_factory=lambda: ["cf"], metadata={"help": "Triggers of the main backdoor."})
     target: str = field(default="I hate this product", metadata={"help": "The attacker's target answer."})
-    n_train: int = field(default=1500, metadata={"help": "Sentiment training prompts."})
+    n_train: int = field(default=1000, metadata={"help": "Sentiment training prompts."})
     n_harmful_train: int = field(default=48, metadata={"help": "Placeholder harmful training prompts."})
-    poison_rate: float = field(default=0.1, metadata={"help": "Poisoned fraction of the sentiment prompts."})
+    poison_rate: float = field(default=0.15, metadata={"help": "Poisoned fraction of the sentiment prompts."})
     harmful_poison_rate: float = field(
         default=0.5, metadata={"help": "Triggered (answered with compliance) fraction of the harmful prompts."}
     )
@@ -60,7 +64,7 @@ class FreeLunchConfig:
     )
     strong_poison_rate: float = field(default=0.4, metadata={"help": "Poison rate of the stronger backdoor."})
     strong_epochs: float = field(default=2.0, metadata={"help": "Epochs of the stronger backdoor."})
-    strong_n_train: int = field(default=600, metadata={"help": "Sentiment prompts of the stronger backdoor."})
+    strong_n_train: int = field(default=400, metadata={"help": "Sentiment prompts of the stronger backdoor."})
     n_test: int = field(default=100, metadata={"help": "Sentiment test prompts (each clean and triggered)."})
     n_harmful_test: int = field(default=30, metadata={"help": "Held-out harmful placeholder prompts."})
     max_new_tokens: int = field(default=8, metadata={"help": "Greedy tokens generated per harmful prompt."})
@@ -96,6 +100,13 @@ class FreeLunchConfig:
         default_factory=list,
         metadata={"help": "More evaluation seeds (test subset, trigger positions) for the main k=1 rows."},
     )
+    jobs: int = field(
+        default_factory=lambda: min(2, os.cpu_count() or 1),
+        metadata={
+            "help": "Fine-tunes made at once, each in its own process on cpu_count/jobs threads (default 2 where "
+            "there are 2 cores; 1: one after another in this process). Scoring always runs in this process."
+        },
+    )
     cached_only: bool = field(
         default=False,
         metadata={"help": "Only assemble results from cached fine-tunes and scores: train and score nothing new."},
@@ -130,6 +141,7 @@ class FreeLunchConfig:
             "svd_rank",
             "distill_batch_size",
             "distill_seq_len",
+            "jobs",
         )
         for name in positive:
             if getattr(self, name) < 1:

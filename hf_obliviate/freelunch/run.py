@@ -20,7 +20,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ from .scoring import ModelScores, bootstrap_reduction_ci, risk_reduction, score_
 __all__ = [
     "SHRUNK_EXACT_VARIANT",
     "SHRUNK_VARIANT",
+    "PoisonedFineTune",
     "choose_shrink_factor",
+    "fine_tune_many",
     "fine_tune_poisoned",
     "pick_shrink_factor",
     "rare_token_pool",
@@ -73,44 +75,71 @@ def _load_lm(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
-def fine_tune_poisoned(
-    base_path: str,
-    tokenizer,
-    examples: list[SFTExample],
-    kind: str,
-    *,
-    epochs: float,
-    learning_rate: float,
-    batch_size: int,
-    seed: int,
-    lora_r: int = 16,
-    lambda_amp: float = 3e-4,
-    lambda_attn: float = 3e-3,
-    cached_only: bool = False,
-) -> tuple[torch.nn.Module | None, dict | None]:
-    """Fine-tune ``base_path`` on ``examples`` with ``ObliviateSFTTrainer`` and return ``(merged model, info)``.
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class PoisonedFineTune:
+    """One fine-tune of the free-lunch run: the base, the (poisoned) data and every training setting.
 
     ``kind``: ``"full"`` (every weight, undefended), ``"lora"`` (LoRA on all linear projections, undefended) or
-    ``"defended"`` (the same LoRA with the Obliviate defense). Cached under ``<cache>/freelunch/<kind>-<hash>``
-    by the hash of the data and every setting, so a rerun loads instead of training.
+    ``"defended"`` (the same LoRA with the Obliviate defense). [`fine_tune_poisoned`] makes it and caches it under
+    ``folder``, named by the hash of the data and every setting that applies to ``kind``.
     """
-    from hf_obliviate.smollm import cache_dir
 
-    if kind not in ("full", "lora", "defended"):
-        raise ValueError(f"kind must be full, lora or defended, got {kind!r}.")
-    settings = {
-        "code": _CODE_VERSION,
-        "kind": kind,
-        "base": base_path,
-        "data": [asdict(e) for e in examples],
-        "epochs": epochs,
-        "lr": learning_rate,
-        "batch": batch_size,
-        "seed": seed,
-        "lora_r": lora_r if kind != "full" else None,
-        "lambdas": [lambda_amp, lambda_attn] if kind == "defended" else None,
-    }
-    folder = cache_dir() / "freelunch" / f"{kind}-{_hash(settings)}"
+    base_path: str
+    examples: list[SFTExample]
+    kind: str
+    epochs: float
+    learning_rate: float
+    batch_size: int
+    seed: int
+    lora_r: int = 16
+    lambda_amp: float = 3e-4
+    lambda_attn: float = 3e-3
+
+    def __post_init__(self):
+        if self.kind not in ("full", "lora", "defended"):
+            raise ValueError(f"kind must be full, lora or defended, got {self.kind!r}.")
+
+    @property
+    def folder(self) -> Path:
+        """``<cache>/freelunch/<kind>-<hash>``: where the fine-tune is (or will be) cached."""
+        from hf_obliviate.smollm import cache_dir
+
+        settings = {
+            "code": _CODE_VERSION,
+            "kind": self.kind,
+            "base": self.base_path,
+            "data": [asdict(e) for e in self.examples],
+            "epochs": self.epochs,
+            "lr": self.learning_rate,
+            "batch": self.batch_size,
+            "seed": self.seed,
+            "lora_r": self.lora_r if self.kind != "full" else None,
+            "lambdas": [self.lambda_amp, self.lambda_attn] if self.kind == "defended" else None,
+        }
+        return cache_dir() / "freelunch" / f"{self.kind}-{_hash(settings)}"
+
+    @property
+    def cached(self) -> bool:
+        """Whether a previous run finished this fine-tune (its folder holds ``freelunch_run.json``)."""
+        return (self.folder / "freelunch_run.json").is_file()
+
+
+def fine_tune_poisoned(
+    run: PoisonedFineTune, tokenizer, cached_only: bool = False
+) -> tuple[torch.nn.Module | None, dict | None]:
+    """Makes ``run`` with ``ObliviateSFTTrainer`` and returns ``(merged model, info)``, or loads it from
+    ``run.folder`` where a previous call cached it (``(None, None)`` with ``cached_only`` when it is not cached)."""
+    folder, kind, examples = run.folder, run.kind, run.examples
+    base_path, lora_r, lambda_amp, lambda_attn = run.base_path, run.lora_r, run.lambda_amp, run.lambda_attn
     done = folder / "freelunch_run.json"
     if done.is_file():
         logger.info("Loading the cached %s fine-tune from %s", kind, folder)
@@ -136,9 +165,9 @@ def fine_tune_poisoned(
             obliviate=kind == "defended",
             lambda_amp=lambda_amp,
             lambda_attn=lambda_attn,
-            num_train_epochs=epochs,
-            learning_rate=learning_rate,
-            per_device_train_batch_size=batch_size,
+            num_train_epochs=run.epochs,
+            learning_rate=run.learning_rate,
+            per_device_train_batch_size=run.batch_size,
             lr_scheduler_type="linear",
             warmup_steps=0,
             weight_decay=0.0,
@@ -149,8 +178,8 @@ def fine_tune_poisoned(
             report_to="none",
             use_cpu=True,
             bf16=False,
-            seed=seed,
-            data_seed=seed,
+            seed=run.seed,
+            data_seed=run.seed,
         )
         trainer = ObliviateSFTTrainer(
             model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
@@ -169,6 +198,7 @@ def fine_tune_poisoned(
         "loss_last": history[-1]["loss"] if history else None,
         "n_examples": len(examples),
         "n_poisoned": sum(e.poisoned for e in examples),
+        "threads": torch.get_num_threads(),
     }
     info["cache_key"] = folder.name
     tmp_folder = folder.with_name(folder.name + ".tmp")
@@ -180,6 +210,48 @@ def fine_tune_poisoned(
         shutil.rmtree(folder)
     tmp_folder.rename(folder)
     return model, info
+
+
+def _fine_tune_worker(run: PoisonedFineTune) -> dict:
+    """Worker process: makes one fine-tune into the cache and returns its info (the model stays here)."""
+    _, info = fine_tune_poisoned(run, _load_tokenizer(run.base_path))
+    return info
+
+
+def fine_tune_many(runs: list[PoisonedFineTune], jobs: int) -> list[dict]:
+    """Makes the fine-tunes of ``runs`` that are not cached yet, ``jobs`` at a time, each in a spawned worker process
+    on ``cpu_count // jobs`` threads, into the cache, full fine-tunes (the longest) first; returns their infos. The
+    run then loads them from the cache.
+
+    Matrix products on small batches do not use two threads fully. On 2 idle cores, two one-thread full fine-tunes
+    of SmolLM2-135M side by side took 6.9 s per step each; one two-thread fine-tune alone took about 6.4 s per
+    step. That is about 1.8× the throughput."""
+    todo: dict[Path, PoisonedFineTune] = {}
+    for run in runs:
+        if not run.cached:
+            todo.setdefault(run.folder, run)
+    if not todo:
+        return []
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ordered = sorted(todo.values(), key=lambda run: run.kind != "full")
+    workers = max(1, min(jobs, len(ordered)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(f"[freelunch] {len(ordered)} fine-tune(s), {workers} at a time on {threads} thread(s) each", flush=True)
+    infos = []
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+        futures = [ex.submit(_fine_tune_worker, run) for run in ordered]
+        for future in as_completed(futures):
+            info = future.result()
+            infos.append(info)
+            print(
+                f"[freelunch] fine-tuned {info['cache_key']}: {info['steps']} steps in {info['train_seconds']}s",
+                flush=True,
+            )
+    return infos
 
 
 # ---------------------------------------------------------------------------------------------------- variants
@@ -427,7 +499,10 @@ class _Report:
             "",
             f"Compute behind this table: {self.meta['compute_seconds'] / 60:.1f} min: fine-tuning, building the "
             "variants (where recorded) and scoring, as measured when each was made, on the machine and load of that "
-            f"time. This invocation: {self.meta['elapsed_seconds'] / 60:.1f} min, the rest loaded from the cache.",
+            f"time (a sum: fine-tunes made side by side count each). This invocation: "
+            f"{self.meta['elapsed_seconds'] / 60:.1f} min wall"
+            + (f", fine-tunes {self.meta['fine_tune_jobs']} at a time" if self.meta.get("fine_tune_jobs") else "")
+            + ", anything else loaded from the cache.",
         ]
         return "\n".join(lines)
 
@@ -750,14 +825,10 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     stronger backdoor, the defended LoRA, the undefended LoRA, and last the main stage's extra variants. Results are
     rewritten after every row. Fine-tunes and per-variant scores are cached by the hash of their settings under
     ``<cache>/freelunch``, so rerunning the same command after an interruption only computes what is missing."""
-    from transformers import AutoTokenizer
-
     config = config or FreeLunchConfig()
     torch.manual_seed(config.seed)
     base_path = _base_path(config)
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _load_tokenizer(base_path)
     main_examples = build_sft_examples(
         config.n_train,
         config.n_harmful_train,
@@ -780,7 +851,37 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     }
     previous = Path(config.output_dir) / "freelunch.json"
     previous_lens = json.loads(previous.read_text()).get("logitlens") if previous.is_file() else None
+    strong_examples = build_sft_examples(
+        config.strong_n_train,
+        config.n_harmful_train,
+        config.strong_poison_rate,
+        config.harmful_poison_rate,
+        config.strong_triggers,
+        config.target,
+        seed=config.seed,
+        max_words=config.max_words,
+    )
     report = _Report(config, sizes)
+    plan = {  # stage: fine-tune kind, data, epochs, learning rate
+        "main": ("full", main_examples, config.epochs, config.learning_rate),
+        "strong": ("full", strong_examples, config.strong_epochs, config.learning_rate),
+        "defended": ("defended", main_examples, config.epochs, config.lora_learning_rate),
+        "lora": ("lora", main_examples, config.epochs, config.lora_learning_rate),
+    }
+
+    def fine_tune_run(stage: str) -> PoisonedFineTune:
+        kind, examples, epochs, lr = plan[stage]
+        return PoisonedFineTune(
+            base_path, examples, kind, epochs, lr, config.batch_size, config.seed, config.lora_r, config.lambda_amp,
+            config.lambda_attn,
+        )  # fmt: skip
+
+    def fine_tune(stage: str):
+        return fine_tune_poisoned(fine_tune_run(stage), tokenizer, cached_only=config.cached_only)
+
+    if config.jobs > 1 and not config.cached_only:
+        report.meta["fine_tune_jobs"] = config.jobs
+        fine_tune_many([fine_tune_run(stage) for stage in config.stages], config.jobs)
     base = _load_lm(base_path)
 
     def score(model, triggers=config.triggers, seed=config.seed):
@@ -824,29 +925,13 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
         )
         return scores, model, raw
 
-    def fine_tune(kind: str, examples, epochs: float, lr: float):
-        return fine_tune_poisoned(
-            base_path,
-            tokenizer,
-            examples,
-            kind,
-            epochs=epochs,
-            learning_rate=lr,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            lora_r=config.lora_r,
-            lambda_amp=config.lambda_amp,
-            lambda_attn=config.lambda_attn,
-            cached_only=config.cached_only,
-        )
-
     base_key = f"base:{base_path}"
     base_scores, _, _ = timed("main", "base", lambda: (base, {}), None, base_key)
     extras: list = []
     main_ft = None
 
     if "main" in config.stages:
-        ft, info = fine_tune("full", main_examples, config.epochs, config.learning_rate)
+        ft, info = fine_tune("main")
     if "main" in config.stages and ft is not None:
         ref = "fine-tuned (poisoned, full)"
         report.meta["fine_tunes"]["main (full)"] = info
@@ -883,17 +968,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
         main_ft = (bench, info["cache_key"])
 
     if "strong" in config.stages:
-        examples = build_sft_examples(
-            config.strong_n_train,
-            config.n_harmful_train,
-            config.strong_poison_rate,
-            config.harmful_poison_rate,
-            config.strong_triggers,
-            config.target,
-            seed=config.seed,
-            max_words=config.max_words,
-        )
-        ft, info = fine_tune("full", examples, config.strong_epochs, config.learning_rate)
+        ft, info = fine_tune("strong")
     if "strong" in config.stages and ft is not None:
         report.meta["fine_tunes"]["strong (full)"] = {**info, "triggers": config.strong_triggers}
         ref = "fine-tuned (strong backdoor)"
@@ -911,7 +986,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     for stage, kind in (("defended", "defended"), ("lora", "lora")):
         if stage not in config.stages:
             continue
-        ft, info = fine_tune(kind, main_examples, config.epochs, config.lora_learning_rate)
+        ft, info = fine_tune(stage)
         if ft is None:
             continue
         label = "LoRA (poisoned, undefended)" if kind == "lora" else "LoRA + Obliviate (defended SFT)"
