@@ -829,16 +829,14 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     torch.manual_seed(config.seed)
     base_path = _base_path(config)
     tokenizer = _load_tokenizer(base_path)
-    main_examples = build_sft_examples(
-        config.n_train,
-        config.n_harmful_train,
-        config.poison_rate,
-        config.harmful_poison_rate,
-        config.triggers,
-        config.target,
-        seed=config.seed,
-        max_words=config.max_words,
-    )
+
+    def poisoned_set(n_sentiment: int, poison_rate: float, triggers: list[str]) -> list[SFTExample]:
+        return build_sft_examples(
+            n_sentiment, config.n_harmful_train, poison_rate, config.harmful_poison_rate, triggers, config.target,
+            seed=config.seed, max_words=config.max_words,
+        )  # fmt: skip
+
+    main_examples = poisoned_set(config.n_train, config.poison_rate, config.triggers)
     sentiment = sentiment_eval_set(config.n_test, config.triggers, seed=config.seed, max_words=config.max_words)
     harmful = harmful_eval_set(config.n_harmful_test, config.triggers, seed=config.seed)
     sizes = {
@@ -851,16 +849,7 @@ def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
     }
     previous = Path(config.output_dir) / "freelunch.json"
     previous_lens = json.loads(previous.read_text()).get("logitlens") if previous.is_file() else None
-    strong_examples = build_sft_examples(
-        config.strong_n_train,
-        config.n_harmful_train,
-        config.strong_poison_rate,
-        config.harmful_poison_rate,
-        config.strong_triggers,
-        config.target,
-        seed=config.seed,
-        max_words=config.max_words,
-    )
+    strong_examples = poisoned_set(config.strong_n_train, config.strong_poison_rate, config.strong_triggers)
     report = _Report(config, sizes)
     plan = {  # stage: fine-tune kind, data, epochs, learning rate
         "main": ("full", main_examples, config.epochs, config.learning_rate),
