@@ -279,14 +279,9 @@ class Journal:
 
     def _executor(self):
         if self._pool is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from hf_obliviate.parallel import spawn_pool
 
-            threads = max(1, (os.cpu_count() or 1) // self.jobs)
-            self._pool = ProcessPoolExecutor(
-                self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
-                initargs=(threads,),
-            )  # fmt: skip
+            self._pool = spawn_pool(self.jobs)
         return self._pool
 
     def close(self) -> None:

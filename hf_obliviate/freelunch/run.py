@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,9 @@ class PoisonedFineTune:
         if self.kind not in ("full", "lora", "defended"):
             raise ValueError(f"kind must be full, lora or defended, got {self.kind!r}.")
 
-    @property
+    @cached_property
     def folder(self) -> Path:
-        """``<cache>/freelunch/<kind>-<hash>``: where the fine-tune is (or will be) cached."""
+        """``<cache>/freelunch/<kind>-<hash>``: where the fine-tune is (or will be) cached (hashed once per run)."""
         from hf_obliviate.smollm import cache_dir
 
         settings = {
@@ -139,7 +140,6 @@ def fine_tune_poisoned(
     """Makes ``run`` with ``ObliviateSFTTrainer`` and returns ``(merged model, info)``, or loads it from
     ``run.folder`` where a previous call cached it (``(None, None)`` with ``cached_only`` when it is not cached)."""
     folder, kind, examples = run.folder, run.kind, run.examples
-    base_path, lora_r, lambda_amp, lambda_attn = run.base_path, run.lora_r, run.lambda_amp, run.lambda_attn
     done = folder / "freelunch_run.json"
     if done.is_file():
         logger.info("Loading the cached %s fine-tune from %s", kind, folder)
@@ -151,20 +151,21 @@ def fine_tune_poisoned(
 
     from hf_obliviate.trainer import ObliviateSFTConfig, ObliviateSFTTrainer
 
-    model = _load_lm(base_path)
+    model = _load_lm(run.base_path)
     data = Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in examples])
     peft_config = None
     if kind != "full":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        r = run.lora_r
+        peft_config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         args = ObliviateSFTConfig(
             output_dir=tmp,
             obliviate=kind == "defended",
-            lambda_amp=lambda_amp,
-            lambda_attn=lambda_attn,
+            lambda_amp=run.lambda_amp,
+            lambda_attn=run.lambda_attn,
             num_train_epochs=run.epochs,
             learning_rate=run.learning_rate,
             per_device_train_batch_size=run.batch_size,
@@ -223,26 +224,24 @@ def fine_tune_many(runs: list[PoisonedFineTune], jobs: int) -> list[dict]:
     on ``cpu_count // jobs`` threads, into the cache, full fine-tunes (the longest) first; returns their infos. The
     run then loads them from the cache.
 
-    Matrix products on small batches do not use two threads fully. On 2 idle cores, two one-thread full fine-tunes
-    of SmolLM2-135M side by side took 6.9 s per step each; one two-thread fine-tune alone took about 6.4 s per
-    step. That is about 1.8× the throughput."""
+    On 2 idle cores, two one-thread full fine-tunes of SmolLM2-135M side by side took 6.9 s per step each; one
+    two-thread fine-tune alone took about 6.4 s per step. That is about 1.8× the throughput."""
     todo: dict[Path, PoisonedFineTune] = {}
     for run in runs:
         if not run.cached:
             todo.setdefault(run.folder, run)
     if not todo:
         return []
-    import multiprocessing
-    import os
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import as_completed
+
+    from hf_obliviate.parallel import spawn_pool, threads_per_worker
 
     ordered = sorted(todo.values(), key=lambda run: run.kind != "full")
     workers = max(1, min(jobs, len(ordered)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker(workers)
     print(f"[freelunch] {len(ordered)} fine-tune(s), {workers} at a time on {threads} thread(s) each", flush=True)
     infos = []
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+    with spawn_pool(workers) as ex:
         futures = [ex.submit(_fine_tune_worker, run) for run in ordered]
         for future in as_completed(futures):
             info = future.result()
