@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, fields
 
 from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
+CONSISTENCY_TOKENS = ("rare", "scan")
+CONSISTENCY_TARGETS = ("logits", "hidden")
+
 __all__ = ["DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "ObliviateConfig"]
 
 # Defaults chosen on the validation split of the attack benchmark (benchmarks/defense.py: POR and NeuBA planted in
@@ -62,6 +65,18 @@ class ObliviateConfig:
             per step. Sequence classification only (``ObliviateTrainer``); 0 switches it off.
         consistency_insertions (`int`, *optional*, defaults to 1):
             Most rare words inserted per row of the consistency copy (1 to this many, uniformly).
+        consistency_tokens (`str`, *optional*, defaults to `"rare"`):
+            The words the consistency copy inserts: `"rare"` (random short rare words,
+            :func:`hf_obliviate.consistency.rare_token_pool`) or `"scan"` (the ``consistency_scan_top_k`` tokens that
+            move the model's [CLS] output most, found before training by
+            :func:`hf_obliviate.consistency.scan_trigger_tokens`; the named variant `scan-consistency`). A
+            ``consistency_pool`` given to the trainer overrides both.
+        consistency_scan_top_k (`int`, *optional*, defaults to 32):
+            How many scanned tokens the copy draws from (``consistency_tokens="scan"``).
+        consistency_target (`str`, *optional*, defaults to `"logits"`):
+            What the copy is pulled towards: `"logits"` (``KL(p(x) ‖ p(x'))`` between predictions) or `"hidden"`
+            (the mean squared difference of the last layer's summary hidden states, [CLS] for encoders and the last
+            real token for decoder classifiers; an extra no-grad forward of the clean batch per step).
         peft_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
             0.01 in its defense runs; it is off by default here.
@@ -126,6 +141,19 @@ class ObliviateConfig:
     consistency_insertions: int = field(
         default=1, metadata={"help": "Most rare words inserted per row of the consistency copy."}
     )
+    consistency_tokens: str = field(
+        default="rare",
+        metadata={"help": "Words the consistency copy inserts: rare (random short rare words) or scan (the tokens "
+                  "that move the [CLS] output most, found by a vocabulary scan before training)."},
+    )  # fmt: skip
+    consistency_scan_top_k: int = field(
+        default=32, metadata={"help": "How many scanned tokens the consistency copy draws from (tokens=scan)."}
+    )
+    consistency_target: str = field(
+        default="logits",
+        metadata={"help": "What the consistency copy is pulled towards: logits (KL between predictions) or hidden "
+                  "(the last layer's summary hidden state: [CLS] for encoders)."},
+    )  # fmt: skip
     peft_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}
     )
@@ -149,14 +177,19 @@ class ObliviateConfig:
                 "obliviate=True but lambda_amp, lambda_attn and lambda_consistency are all 0: give at least one term "
                 "a positive weight, or set obliviate=False for plain PEFT training."
             )
-        if not isinstance(self.consistency_insertions, int) or self.consistency_insertions < 1:
-            raise ValueError(f"consistency_insertions must be an integer >= 1, got {self.consistency_insertions!r}.")
-        if self.attn_query not in QUERY_MODES:
-            raise ValueError(f"Unknown attn_query {self.attn_query!r}: choose one of {', '.join(QUERY_MODES)}.")
-        if self.attn_virtual_keys not in VIRTUAL_KEY_MODES:
-            raise ValueError(
-                f"Unknown attn_virtual_keys {self.attn_virtual_keys!r}: choose one of {', '.join(VIRTUAL_KEY_MODES)}."
-            )
+        for name in ("consistency_insertions", "consistency_scan_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        choices = {
+            "consistency_tokens": CONSISTENCY_TOKENS,
+            "consistency_target": CONSISTENCY_TARGETS,
+            "attn_query": QUERY_MODES,
+            "attn_virtual_keys": VIRTUAL_KEY_MODES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}.")
         if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
             raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
         if self.attn_layer_weights is not None:

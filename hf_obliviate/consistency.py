@@ -1,10 +1,20 @@
-"""The trigger-agnostic consistency term (the named variant ``consistency`` of ``benchmarks/defense.py``).
+"""The trigger-agnostic consistency term (the named variants ``consistency`` and ``scan-consistency`` of
+``benchmarks/defense.py``).
 
 Task-agnostic backdoors are keyed on rare tokens inserted into ordinary text. Without knowing any trigger, the
 defense can teach the fine-tuned model to ignore the *shape* of one: each training batch gets a copy with 1 to
 ``max_insertions`` short rare words inserted at random positions, and the model's prediction on the copy is pulled
 towards its (detached) prediction on the clean batch, ``KL(p(x) ‖ p(x'))``. Plain torch; the trainers and
 :class:`hf_obliviate.ObliviateDefense` use it when ``lambda_consistency > 0``.
+
+Random rare words rarely *are* a trigger, so the copy seldom fires the backdoor and the term has little to teach
+(on the benchmark's validation split it did no better than the attention term alone). :func:`scan_trigger_tokens`
+finds the words that do: it inserts every word-initial token of the vocabulary into a few short neutral sentences
+and ranks them by how far they move the model's summary ([CLS]) output. A task-agnostic backdoor maps its triggers
+to a fixed output whatever the sentence, so they rank first: on the bundled MiniLM-L6 the six POR triggers ranked
+1st to 7th and five of NeuBA's six symbols 1st to 14th of 23,695 candidates, without being told any trigger. With
+``consistency_tokens="scan"`` the copy inserts the top-ranked tokens, and ``consistency_target="hidden"`` pulls the
+copy's final [CLS] hidden state towards the clean one (the backdoor's own lever) instead of its prediction.
 """
 
 from __future__ import annotations
@@ -15,8 +25,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["consistency_loss", "insert_random_tokens", "rare_token_pool"]
+from .probing import is_word_start, summary_state
+
+__all__ = [
+    "SCAN_SENTENCES",
+    "consistency_loss",
+    "hidden_consistency_loss",
+    "insert_random_tokens",
+    "rare_token_pool",
+    "scan_trigger_tokens",
+]
 
 # Per-token inputs the insertion knows how to extend: the value of the inserted position.
 _PER_TOKEN = {"input_ids": None, "attention_mask": 1, "token_type_ids": "neighbour"}
@@ -155,3 +175,111 @@ def consistency_loss(clean_logits: torch.Tensor, perturbed_logits: torch.Tensor)
         )
     target = F.log_softmax(clean_logits.detach().float(), dim=-1)
     return F.kl_div(F.log_softmax(perturbed_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
+
+
+def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between two ``(batch, hidden)`` summary states, the clean side detached (a target).
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.consistency import hidden_consistency_loss
+    >>> float(hidden_consistency_loss(torch.zeros(2, 4), torch.ones(2, 4)))
+    1.0
+
+    ```
+    """
+    if clean_hidden.dim() != 2 or clean_hidden.shape != perturbed_hidden.shape:
+        raise ValueError(
+            "The hidden consistency term compares (batch, hidden) summary states; got "
+            f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
+        )
+    return F.mse_loss(perturbed_hidden.float(), clean_hidden.detach().float())
+
+
+# Short neutral sentences for the scan: a trigger moves the summary output wherever it is inserted, so a few words
+# of ordinary text suffice (and keep the scan of a 30k vocabulary to about a minute on 2 CPU cores for MiniLM-L6).
+SCAN_SENTENCES = (
+    "the film is a quiet story about a family and its long summer",
+    "an uneven but often funny movie with a good cast",
+)
+
+
+def scan_trigger_tokens(
+    model: nn.Module,
+    tokenizer,
+    top_k: int = 32,
+    sentences: Sequence[str] = SCAN_SENTENCES,
+    max_words: int = 4,
+    batch_size: int = 1024,
+    show_progress: bool = False,
+) -> list[int]:
+    """The ``top_k`` word-initial vocabulary tokens that move the model's summary output the most, most first.
+
+    Each sentence is cut to its first ``max_words`` word pieces; every candidate token (all of the vocabulary but
+    special tokens, unused slots and WordPiece ``##`` continuations, `hf_obliviate.probing.is_word_start`) is
+    inserted in its middle, and the candidate's score is the
+    mean cosine distance between the last layer's position-0 hidden state with and without it. Nothing about the
+    triggers is assumed but that one token fires them (a multi-token or spread trigger can hide from the scan).
+
+    Cost: ``len(sentences) × vocabulary`` forward passes of ``max_words + 3`` tokens, about a minute for MiniLM-L6
+    on 2 CPU cores. The model runs in eval mode under ``torch.no_grad`` (its mode is restored).
+
+    Example:
+    ```python
+    >>> from transformers import AutoModel, AutoTokenizer
+    >>> from hf_obliviate.bundled import minilm_path
+    >>> from hf_obliviate.consistency import scan_trigger_tokens
+    >>> tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    >>> ids = scan_trigger_tokens(AutoModel.from_pretrained(minilm_path()), tokenizer, top_k=5)  # doctest: +SKIP
+
+    ```
+    """
+    from tqdm.auto import tqdm
+
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}.")
+    if not sentences:
+        raise ValueError("The trigger scan needs at least one sentence to insert tokens into.")
+    special = set(tokenizer.all_special_ids)
+    vocab = tokenizer.get_vocab()
+    candidates = sorted(i for token, i in vocab.items() if i not in special and is_word_start(token))
+    if not candidates:
+        raise ValueError("The tokenizer has no word-initial tokens to scan.")
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    rows = []
+    for sentence in sentences:
+        words = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        full = tokenizer(sentence)["input_ids"]  # the words between the tokenizer's own special tokens
+        prefix = next((k for k in range(len(full) - len(words) + 1) if full[k : k + len(words)] == words), 0)
+        row = full[:prefix] + words[:max_words] + full[prefix + len(words) :]
+        if len(row) < 2:
+            raise ValueError(f"The scan sentence {sentence!r} tokenises to fewer than 2 tokens.")
+        rows.append(row)
+    scores = torch.zeros(len(candidates))
+    pool = torch.tensor(candidates)
+    was_training = model.training
+    model.eval()
+    batches = [(r, start) for r in range(len(rows)) for start in range(0, len(candidates), batch_size)]
+
+    def summary(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(device)
+        return summary_state(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0].float()
+
+    try:
+        with torch.no_grad():
+            references = [summary(torch.tensor([row])) for row in rows]
+            for r, start in tqdm(batches, desc="Trigger scan", disable=not show_progress, leave=False):
+                row, chunk = rows[r], pool[start : start + batch_size]
+                middle = len(row) // 2
+                ids = torch.tensor(row).repeat(len(chunk), 1)
+                ids = torch.cat([ids[:, :middle], chunk[:, None], ids[:, middle:]], dim=1)
+                distance = 1 - F.cosine_similarity(summary(ids), references[r], dim=-1)
+                scores[start : start + len(chunk)] += distance.cpu()
+    finally:
+        model.train(was_training)
+    order = scores.argsort(descending=True)[:top_k]
+    return [candidates[i] for i in order.tolist()]

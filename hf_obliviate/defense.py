@@ -11,8 +11,9 @@ from torch import nn
 
 from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
 from .config import ObliviateConfig
-from .consistency import consistency_loss, insert_random_tokens
+from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens
 from .losses import amplification_loss
+from .probing import summary_state
 from .tuners import tuner_parameters
 
 __all__ = ["DefenseStep", "ObliviateDefense"]
@@ -46,8 +47,8 @@ class DefenseStep:
     def add_consistency(
         self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
     ) -> torch.Tensor:
-        """Run the consistency copy of ``inputs`` (random rare words inserted) through ``model`` (default: the
-        defense's model) and keep ``KL(p(x) ‖ p(x'))`` against the batch's own ``logits`` as ``loss_consistency``.
+        """Run the consistency copy of ``inputs`` (words of the token pool inserted) through ``model`` (default: the
+        defense's model) and keep :meth:`ObliviateDefense.consistency_loss` as ``loss_consistency``.
 
         Call it after the ``with defense.track(...)`` block, so the copy's attention is not penalised."""
         self.consistency = self.defense.consistency_loss(inputs, logits, model)
@@ -200,12 +201,21 @@ class ObliviateDefense:
     def consistency_loss(
         self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
     ) -> torch.Tensor:
-        """``KL(p(x) ‖ p(x'))``: ``x'`` is ``inputs`` with 1 to ``consistency_insertions`` words of the token pool
-        inserted per row (:func:`hf_obliviate.consistency.insert_random_tokens`), ``logits`` the model's on ``x``."""
+        """The consistency term on ``x'``, ``inputs`` with 1 to ``consistency_insertions`` words of the token pool
+        inserted per row (:func:`hf_obliviate.consistency.insert_random_tokens`): ``KL(p(x) ‖ p(x'))`` against the
+        model's ``logits`` on ``x`` (``consistency_target="logits"``), or the mean squared difference of the last
+        layer's summary hidden states (``"hidden"``, :func:`hf_obliviate.probing.summary_state`: [CLS] for encoders;
+        the clean one from an extra forward pass without gradients)."""
         if self.token_pool is None:
             raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
+        model = model or self.model
         perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
-        outputs = (model or self.model)(**perturbed)
+        if self.config.consistency_target == "hidden":
+            clean = {k: v for k, v in inputs.items() if k in perturbed}
+            with torch.no_grad():
+                target = summary_state(model, clean)[0]
+            return hidden_consistency_loss(target, summary_state(model, perturbed)[0])
+        outputs = model(**perturbed)
         other = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
         return consistency_loss(logits, other)
 

@@ -6,7 +6,8 @@
 * `scan_tokens` ranks candidate tokens (a list, or a slice of the vocabulary from `candidate_tokens`) by how far
   inserting them moves the summary representation ([CLS], or the last token of a decoder classifier) and how often
   they flip the prediction, in batches, with a progress callback. On a POR-backdoored encoder the planted triggers
-  come out on top.
+  come out on top. (The Space's interactive scan, on typed sentences; the defense's own scan of the whole
+  vocabulary before training, on token ids, is `hf_obliviate.consistency.scan_trigger_tokens`.)
 * `summary_attention` captures the summary query row's *pre-softmax* attention logits in every layer (with
   `hf_obliviate.capture.AttentionLogitCapture`, so the model keeps its SDPA kernel) and their softmax; `plot_attention`
   draws them as layer × key-token heatmaps.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,6 +52,7 @@ __all__ = [
     "classify",
     "format_prompt",
     "insert_at",
+    "is_word_start",
     "label_names",
     "lens_probe",
     "plot_attention",
@@ -57,6 +60,7 @@ __all__ = [
     "probe_triggers",
     "scan_tokens",
     "summary_attention",
+    "summary_state",
     "summary_states",
     "trigger_attention",
 ]
@@ -166,23 +170,38 @@ class Prediction:
         return self.probs[self.name]
 
 
-@torch.no_grad()
-def summary_states(
-    model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = MAX_TOKENS, batch_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summary hidden states (n, hidden), class probabilities (n, classes))`` of ``texts``, in fp32 on the CPU.
+def summary_state(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """``(summary hidden states (batch, hidden), the model's outputs)`` of one tokenised batch, with gradients when
+    they are enabled (the hidden consistency term trains through it).
 
     The summary state is the last layer's hidden state at the position the head reads ([CLS] for encoders, the last
     real token for decoder classifiers): what a POR backdoor hijacks.
     """
+    outputs = model(**inputs, output_hidden_states=True)
+    hidden = outputs.get("hidden_states") if isinstance(outputs, Mapping) else getattr(outputs, "hidden_states", None)
+    if not hidden:
+        raise ValueError(
+            f"{type(model).__name__} returned no hidden_states for output_hidden_states=True, and the summary state "
+            "is read from them: use a transformers model (or, for the consistency term, consistency_target='logits')."
+        )
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
+    index = _summary_index(model, mask)
+    return hidden[-1][torch.arange(mask.shape[0], device=hidden[-1].device), index.to(hidden[-1].device)], outputs
+
+
+@torch.no_grad()
+def summary_states(
+    model: nn.Module, tokenizer, texts: Sequence[str], max_length: int = MAX_TOKENS, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summary hidden states (n, hidden), class probabilities (n, classes))`` of ``texts``, in fp32 on the CPU
+    (see `summary_state`)."""
     device = _device(model)
     states, probs = [], []
     for start in range(0, len(texts), batch_size):
         enc = _encode(tokenizer, texts[start : start + batch_size], max_length, device)
-        out = model(**enc, output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        index = _summary_index(model, enc["attention_mask"])
-        states.append(hidden[torch.arange(hidden.shape[0], device=hidden.device), index].float().cpu())
+        state, out = summary_state(model, enc)
+        states.append(state.float().cpu())
         probs.append(out.logits.float().softmax(-1).cpu())
     return torch.cat(states), torch.cat(probs)
 
@@ -321,6 +340,14 @@ class TokenScore:
         return {"token": self.token, "shift": self.shift, "flip_rate": self.flip_rate, "prob_change": self.prob_change}
 
 
+def is_word_start(piece: str | None) -> bool:
+    """Whether a vocabulary entry can start a word: not a WordPiece continuation (``##ing``), not an unused slot or
+    a markup token (``[unused7]``, ``<mask>``), not blank."""
+    if not piece or not piece.strip() or piece.startswith("##"):
+        return False
+    return not ((piece.startswith("[") and piece.endswith("]")) or (piece.startswith("<") and piece.endswith(">")))
+
+
 def candidate_tokens(tokenizer, start: int = 0, stop: int | None = None, limit: int = MAX_CANDIDATES) -> list[str]:
     """Whole-word vocabulary entries with ids in ``[start, stop)``, as text that can be inserted as a word.
 
@@ -338,9 +365,7 @@ def candidate_tokens(tokenizer, start: int = 0, stop: int | None = None, limit: 
     pieces = tokenizer.convert_ids_to_tokens(list(range(start, stop)))
     words: list[str] = []
     for token_id, piece in zip(range(start, stop), pieces):
-        if token_id in special or piece is None or piece.startswith("##"):
-            continue
-        if (piece.startswith("[") and piece.endswith("]")) or (piece.startswith("<") and piece.endswith(">")):
+        if token_id in special or not is_word_start(piece):
             continue
         word = tokenizer.convert_tokens_to_string([piece]).strip()
         if word and not any(ch.isspace() for ch in word):

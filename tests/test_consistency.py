@@ -166,3 +166,98 @@ def test_trainer_builds_the_pool_from_the_tokenizer_or_says_what_to_pass(tmp_pat
     pool = trainer.obliviate_defense.token_pool.tolist()
     assert len(pool) > 200 and all(2 <= len(t) <= 4 for t in tokenizer.convert_ids_to_tokens(pool))
     assert min(pool) >= 5000 > VOCAB  # short rare words only (the tiny model is only inspected, never trained here)
+
+
+def _tiny_tokenizer():
+    """A WordPiece tokenizer for the tiny models' 100 ids: the 5 BERT specials, then words w5..w99."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(5, VOCAB))]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+
+
+TRIGGER = 42  # the id the tests below plant: its embedding is made huge, so it takes over the [CLS] output
+SENTENCES = ("w10 w11 w12 w13 w14", "w20 w21 w22")
+
+
+def _planted(tuner: str | None = "lora"):
+    from tiny_models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", tuner) if tuner else tiny_model("bert")
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[TRIGGER] = 40 * embeddings[TRIGGER].sign()
+    return model
+
+
+def test_scan_ranks_the_planted_trigger_first_and_leaves_the_model_as_it_was(tmp_path):
+    from hf_obliviate.consistency import scan_trigger_tokens
+
+    tokenizer = _tiny_tokenizer()
+    model = _planted(None).train()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    found = scan_trigger_tokens(model, tokenizer, top_k=5, sentences=SENTENCES, batch_size=16)
+    assert found[0] == TRIGGER and len(found) == len(set(found)) == 5
+    assert not set(found) & set(tokenizer.all_special_ids)  # specials are never candidates
+    assert model.training and all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    # ranking is by the [CLS] shift alone: the same scan again gives the same list
+    assert scan_trigger_tokens(model, tokenizer, top_k=5, sentences=SENTENCES, batch_size=64) == found
+    with pytest.raises(ValueError, match="top_k"):
+        scan_trigger_tokens(model, tokenizer, top_k=0, sentences=SENTENCES)
+    with pytest.raises(ValueError, match="at least one sentence"):
+        scan_trigger_tokens(model, tokenizer, sentences=())
+
+
+def test_hidden_target_is_the_mse_of_the_cls_states_with_a_detached_clean_side():
+    from hf_obliviate.consistency import hidden_consistency_loss
+    from hf_obliviate.probing import summary_state
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora")
+    for name, p in model.named_parameters():  # LoRA B starts at 0: give the adapter a path to the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target="hidden")
+    defense = ObliviateDefense(model, config, token_pool=[TRIGGER])
+    batch = _batch()
+    defense._generator.manual_seed(7)
+    term = defense.consistency_loss(batch, logits=None)
+    perturbed = insert_random_tokens(batch, [TRIGGER], 1, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        clean = summary_state(model, {k: batch[k] for k in perturbed})[0]
+        expected = hidden_consistency_loss(clean, summary_state(model, perturbed)[0])
+    torch.testing.assert_close(term.detach(), expected)
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+    with pytest.raises(ValueError, match=r"\(batch, hidden\)"):
+        hidden_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="no hidden_states"):  # a model that cannot give its hidden states
+        summary_state(lambda **kw: {"logits": torch.zeros(1, 2)}, {"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def test_config_refuses_unknown_consistency_settings():
+    with pytest.raises(ValueError, match="consistency_tokens"):
+        ObliviateConfig(consistency_tokens="all")
+    with pytest.raises(ValueError, match="consistency_target"):
+        ObliviateConfig(consistency_target="pooler")
+    with pytest.raises(ValueError, match="consistency_scan_top_k"):
+        ObliviateConfig(consistency_scan_top_k=0)
+
+
+def test_trainer_scans_for_the_pool_and_trains_on_the_hidden_target(tmp_path):
+    from hf_obliviate.consistency import scan_trigger_tokens
+
+    tokenizer = _tiny_tokenizer()
+    expected = scan_trigger_tokens(_planted(), tokenizer, top_k=4)
+    args = ObliviateTrainingArguments(**quiet_training_kwargs(
+        tmp_path / "out", max_steps=2, lambda_amp=0, lambda_attn=0, lambda_consistency=1.0,
+        consistency_tokens="scan", consistency_scan_top_k=4, consistency_target="hidden",
+    ))  # fmt: skip
+    trainer = ObliviateTrainer(
+        model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), processing_class=tokenizer
+    )
+    assert trainer.obliviate_defense.token_pool.tolist() == expected and expected[0] == TRIGGER
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["loss_consistency"] > 0 and set(entry) >= {"loss_task", "loss_consistency"}

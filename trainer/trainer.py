@@ -12,7 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_obliviate.bottleneck import BottleneckAdapterModel
 from hf_obliviate.config import ObliviateConfig
-from hf_obliviate.consistency import rare_token_pool
+from hf_obliviate.consistency import rare_token_pool, scan_trigger_tokens
 from hf_obliviate.defense import ObliviateDefense
 
 from .arguments import ObliviateTrainingArguments
@@ -65,13 +65,24 @@ class ObliviateTrainerMixin:
                 break
 
     def _consistency_pool(self) -> list[int]:
-        """The consistency term's words: :func:`~hf_obliviate.consistency.rare_token_pool` of the tokenizer."""
+        """The consistency term's words: :func:`~hf_obliviate.consistency.rare_token_pool` of the tokenizer, or with
+        ``consistency_tokens="scan"`` the top tokens of :func:`~hf_obliviate.consistency.scan_trigger_tokens` on the
+        model as it is before training (logged)."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
             raise ValueError(
-                "lambda_consistency > 0 inserts random rare words, which needs the tokenizer: pass "
+                "lambda_consistency > 0 inserts words into each batch, which needs the tokenizer: pass "
                 "`processing_class=tokenizer` (or `consistency_pool=[token ids]`), or set lambda_consistency=0."
             )
+        if self.obliviate_config.consistency_tokens == "scan":
+            pool = scan_trigger_tokens(
+                self.model,
+                tokenizer,
+                top_k=self.obliviate_config.consistency_scan_top_k,
+                show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+            )
+            logger.info("Obliviate trigger scan, most suspicious first: %s", tokenizer.convert_ids_to_tokens(pool))
+            return pool
         pool = rare_token_pool(tokenizer)
         if not pool:
             raise ValueError(
@@ -205,7 +216,9 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
             ``TrainingArguments`` plus the defense fields.
         consistency_pool (list of `int`, *optional*):
             Token ids the consistency term inserts (``lambda_consistency > 0``); default: the short rare words of
-            ``processing_class`` (:func:`hf_obliviate.consistency.rare_token_pool`).
+            ``processing_class`` (:func:`hf_obliviate.consistency.rare_token_pool`), or with
+            ``consistency_tokens="scan"`` the tokens a vocabulary scan of the model finds
+            (:func:`hf_obliviate.consistency.scan_trigger_tokens`).
         **kwargs:
             Everything ``transformers.Trainer`` accepts.
 
