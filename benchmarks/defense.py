@@ -7,7 +7,9 @@
    1.5 points of the undefended run also run on NeuBA + LoRA, and the setting with the lowest validation ASR averaged
    over both attacks wins (it must keep the CACC floor on each).
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
-   fine-tune on Rotten Tomatoes sentences undefended and defended, and measure CACC and ASR on the test sentences.
+   fine-tune on Rotten Tomatoes sentences undefended and defended (the reference recipe, the recipe chosen on the
+   validation split, and for LoRA / adapters the `scan-consistency` variant of `TEST_RECIPES`), and measure CACC and
+   ASR on the test sentences.
    Also a task-specific row (10% of the fine-tuning data poisoned) and the adaptive attack.
 
 Writes ``benchmarks/results/defense.{json,md,png}`` (and ``defense_cells.jsonl`` as it goes, so a run can resume).
@@ -46,20 +48,28 @@ CONSISTENCY_GRID = ((3e-4, 3e-3), (3e-4, 1e-2))
 ALL_ROWS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
 # Only the last three of MiniLM's six layers: their weighted mean is comparable to the plain mean, so the same grid.
 LATE_LAYERS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
+# The scan-consistency variant's own term (weight in VARIANTS) alone, then with the reference attention term.
+SCAN_GRID = ((0.0, 0.0), (0.0, 3e-3))
 # Variants of the LoRA / adapter recipe (names in VARIANTS), each tried on its own validation grid.
 VARIANT_GRIDS = {
     "centred": CENTRED_GRID, "consistency": CONSISTENCY_GRID,
-    "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID,
+    "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID, "scan-consistency": SCAN_GRID,
 }  # fmt: skip
+# LoRA / adapter recipes run on every test row whatever the validation split chooses, so the table shows them next to
+# the default: scan-consistency at its best validation setting (it cut both attacks' validation ASR by 90% or more
+# but cost POR 2 points of validation CACC, outside the 1.5-point floor).
+TEST_RECIPES = (("scan-consistency", (0.0, 0.0)),)
 
 
 @dataclass
 class Sizes:
     """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached), then 24 validation and 68 test fine-tunes of 100 steps, each evaluated on 200
-    sentences × (1 + 3 triggers) copies. On 2 idle cores one such fine-tune takes 77 s on two threads, and two run side
-    by side on one thread each in 104 s (``--jobs 2``, the default there). Measured that way: the validation split and
-    the POR and clean test rows (48 of the 92 fine-tunes) in 49.8 minutes; about 87 projected for all.
+    hour there (once; cached), then 27 validation and 92 test fine-tunes of 100 steps, each evaluated on 200
+    sentences × (1 + one per trigger) copies. On 2 idle cores one such fine-tune takes 77 s on two threads, and two
+    run side by side on one thread each in 104 s (``--jobs 2``, the default there). Measured that way: the validation
+    split and the POR and clean test rows of the defaults and the reference recipe (48 fine-tunes) took 49.8 minutes,
+    about 87 projected for the 92 fine-tunes without `scan-consistency`. Its 27 cells (two forward passes more per
+    step) add about 43 (14 of them took 22 minutes): about 130 in all, over the issue's 90-minute budget.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR encoder; at 60 steps and lr 5e-4 it stayed
     at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu`` (other
     fine-tunes need their own journal)."""
@@ -73,6 +83,7 @@ class Sizes:
     plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
+    scan_sentences: int = 2  # sentences of the scan-consistency variant's trigger scan (about a minute on 2 cores)
     seeds: tuple[int, ...] = (0, 1)
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
@@ -81,7 +92,8 @@ class Sizes:
 
 
 QUICK = Sizes(
-    train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, seeds=(0,),
+    train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, scan_sentences=1,
+    seeds=(0,),
     pefts=("lora",), grid=((3e-4, 3e-3),), variant_grids={v: ((3e-4, 3e-3),) for v in VARIANT_GRIDS},
 )  # fmt: skip
 
@@ -119,7 +131,15 @@ VARIANTS = {
     # reference term shrank every layer's row alike (layer 1 from 8.7 to 3.3) and left 0.23 and 0.35 in layers 5
     # and 6 (benchmarks/results/trigger_attention.md, the make-demo models).
     "late-layers": {"attn_centre": False, "attn_layer_weights": [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]},
-}
+    # the consistency copy inserts the 32 tokens that a vocabulary scan of the encoder (before training) finds moving
+    # its [CLS] output most, and pulls the copy's final [CLS] hidden state to the clean one
+    # (hf_obliviate.consistency.scan_trigger_tokens; no trigger is given to it). Weight: on the validation split
+    # (POR / NeuBA, no attention term) 0.01 left NeuBA at ASR 0.80, 0.1 with the attention term collapsed NeuBA.
+    "scan-consistency": {
+        "attn_centre": False, "lambda_consistency": 0.03, "consistency_insertions": 1,
+        "consistency_tokens": "scan", "consistency_target": "hidden",
+    },
+}  # fmt: skip
 LORA_VARIANTS = tuple(VARIANT_GRIDS)
 PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
@@ -142,6 +162,31 @@ def plant(attack: str, sizes: Sizes, adaptive: bool = False) -> Path:
     config = get_attack_config(attack, **kwargs)
     plant_backdoor(attack, minilm_path(), config=config, show_progress=True)
     return attack_cache_dir(attack, config, minilm_path())
+
+
+def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) -> list[int]:
+    """The trigger scan's 32 tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens` on the model
+    before fine-tuning, which is what `ObliviateTrainer` runs without a ``consistency_pool``), cached per encoder
+    checkpoint: every seed and PEFT type of an encoder starts from the same weights, so the scan is the same."""
+    import hashlib
+
+    from hf_obliviate.bundled import minilm_path
+    from hf_obliviate.consistency import SCAN_SENTENCES, scan_trigger_tokens
+    from hf_obliviate.smollm import cache_dir
+
+    texts = SCAN_SENTENCES[:sentences]
+    source = Path(encoder_path or minilm_path()).resolve()
+    stamp = (source / "model.safetensors").stat().st_mtime_ns if (source / "model.safetensors").is_file() else 0
+    key = hashlib.sha256(json.dumps([str(source), stamp, list(texts)]).encode()).hexdigest()[:16]
+    path = cache_dir() / "trigger-scans" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    tokens = scan_trigger_tokens(model, tokenizer, top_k=32, sentences=texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(tokens))
+    tmp.replace(path)
+    return tokens
 
 
 def run_cell(
@@ -195,8 +240,12 @@ def run_cell(
         disable_tqdm=True,
         use_cpu=_device().type == "cpu",
     )
-    kwargs = {}
-    if defended and VARIANTS[variant].get("lambda_consistency", 0) > 0:
+    kwargs, extra = {}, {}
+    if defended and VARIANTS[variant].get("consistency_tokens") == "scan":
+        kwargs["consistency_pool"] = scanned_tokens(encoder_path, model, tokenizer, sizes.scan_sentences)
+        found = tokenizer.convert_ids_to_tokens(kwargs["consistency_pool"])
+        extra = {"scan_tokens": found, "scan_trigger_ranks": {t: found.index(t) + 1 for t in triggers if t in found}}
+    elif defended and VARIANTS[variant].get("lambda_consistency", 0) > 0:
         from hf_obliviate.consistency import rare_token_pool
 
         kwargs["consistency_pool"] = rare_token_pool(tokenizer, exclude=sorted({*triggers, *DEFAULT_TRIGGERS}))
@@ -223,7 +272,7 @@ def run_cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
         cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
-        extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets},
+        extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
     )  # fmt: skip
 
 
@@ -309,9 +358,11 @@ VALIDATION_ENCODERS = ("por", "neuba")
 
 def _confirm(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
     """Run on the other validation encoders (undefended, then each defended LoRA setting of ``tuning`` that is within
-    the CACC floor on POR and above chance) the settings POR alone cannot rule out."""
+    the CACC floor on POR and above chance, and those of `TEST_RECIPES`) the settings POR alone cannot rule out."""
     por_base = next(c for c in tuning if not c["defended"] and c["encoder"] == "por")
-    keep = [c for c in tuning if c["defended"] and c["encoder"] == "por" and _within_floor(c, por_base)]
+    shown = {(name, *lam) for name, lam in TEST_RECIPES}  # on every attack, so the validation table shows them
+    keep = [c for c in tuning if c["defended"] and c["encoder"] == "por" and (_within_floor(c, por_base) or
+            (c.get("variant", "reference"), c["lambda_amp"], c["lambda_attn"]) in shown)]  # fmt: skip
     specs = []
     for encoder in (e for e in VALIDATION_ENCODERS[1:] if e in paths):
         common = dict(encoder=encoder, encoder_path=paths[encoder], peft="lora", seed=0, sizes=sizes,
@@ -462,12 +513,15 @@ def summarise(cells: list[dict]) -> list[dict]:
 def recipes_for(
     peft: str, lambdas, prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None
 ) -> list[tuple[str, tuple[float, float]]]:
-    """The defended runs of a test cell: the reference recipe at ``lambdas`` and, when one won on the validation
-    split, the variant chosen for the PEFT type (prefix tuning's own; LoRA's also for adapters). Both stay in the
-    table."""
+    """The defended runs of a test cell: the reference recipe at ``lambdas``, when one won on the validation split
+    the variant chosen for the PEFT type (prefix tuning's own; LoRA's also for adapters), and for LoRA / adapters
+    `TEST_RECIPES`. All stay in the table."""
     lambdas = tuple(lambdas)
     chosen = (prefix_variant, lambdas) if peft == "prefix" else (lora_variant, tuple(lora_lambdas or lambdas))
-    return [("reference", lambdas)] + ([chosen] if chosen[0] != "reference" else [])
+    recipes = [("reference", lambdas)] + ([chosen] if chosen[0] != "reference" else [])
+    if peft != "prefix":
+        recipes += [(name, tuple(lam)) for name, lam in TEST_RECIPES if (name, tuple(lam)) not in recipes]
+    return recipes
 
 
 def planned_test_keys(
@@ -652,10 +706,14 @@ def write(
     ]
     lines += ["", f"Regenerate: `{meta['command']}`."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    _plot([r for r in rows if is_default(r)], out.with_suffix(".png"))
+    extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
+             {(name, tuple(lam)) for name, lam in TEST_RECIPES} and not is_default(r)]  # fmt: skip
+    _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
+    """Grouped bars per row of the defaults: undefended, defended, and each `TEST_RECIPES` recipe's defended run on
+    the same encoder and PEFT type (``extra``), where it ran."""
     try:
         import matplotlib
 
@@ -664,19 +722,27 @@ def _plot(rows: list[dict], path: Path) -> None:
     except ImportError:  # pragma: no cover - matplotlib is a dev dependency
         return
     labels = [f"{r['encoder']}\n{r['peft']}" for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.7 * len(rows)), 7), sharex=True)
-    width = 0.4
+    x = list(range(len(rows)))
+    recipes = [name for name, _ in TEST_RECIPES if any(r["variant"] == name for r in extra)]
+    by_cell = {(r["variant"], r["encoder"], r["peft"]): r for r in extra}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.8 * len(rows)), 7), sharex=True)
+    width = 0.8 / (2 + len(recipes))
     for ax, key, title in (
         (axes[0], "asr", "ASR (or BadPre accuracy drop / UOR targeted ASR)"),
         (axes[1], "cacc", "CACC"),
     ):
-        ax.bar([i - width / 2 for i in x], [r[f"{key}_undefended"] for r in rows], width, label="undefended")
-        ax.bar([i + width / 2 for i in x], [r[f"{key}_defended"] for r in rows], width, label="Obliviate")
+        series = [("undefended", [r[f"{key}_undefended"] for r in rows]),
+                  ("Obliviate (defaults)", [r[f"{key}_defended"] for r in rows])]  # fmt: skip
+        for name in recipes:
+            cells = [by_cell.get((name, r["encoder"], r["peft"])) for r in rows]
+            series.append((name, [c[f"{key}_defended"] if c else float("nan") for c in cells]))
+        for k, (label, values) in enumerate(series):
+            offset = (k - (len(series) - 1) / 2) * width
+            ax.bar([i + offset for i in x], values, width, label=label)
         ax.set_title(title)
         ax.set_ylim(0, 1)
-        ax.legend(loc="upper right")
-    axes[1].set_xticks(list(x))
+        ax.legend(loc="upper right", fontsize=8)
+    axes[1].set_xticks(x)
     axes[1].set_xticklabels(labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

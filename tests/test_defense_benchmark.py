@@ -187,9 +187,23 @@ def test_consistency_variant_competes_on_validation():
     assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
     sizes = defense.Sizes(seeds=(0,), attacks=("por",), pefts=("lora", "adapter"))
     plain = defense.planned_test_keys(sizes, (0.0, 3e-3))
-    assert len(plain) == (2 * 2 + 2) * 2  # (clean, por) x 2 PEFT types + task-specific + adaptive; und. + def.
+    # (clean, por) x 2 PEFT types + task-specific + adaptive: undefended, reference and each of TEST_RECIPES
+    assert len(plain) == (2 * 2 + 2) * (2 + len(defense.TEST_RECIPES))
     chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
     assert len(chosen) == len(plain) + 6 and ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency") in chosen
+
+
+def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():
+    """`scan-consistency` (the vocabulary-scan consistency term) runs on every LoRA / adapter test row next to the
+    chosen recipe, once even when it is the chosen one; prefix tuning keeps its own recipes."""
+    defense = _defense_module()
+    assert ("scan-consistency", (0.0, 0.0)) in defense.TEST_RECIPES
+    assert defense.VARIANTS["scan-consistency"]["consistency_tokens"] == "scan"
+    lambdas = (0.0, 3e-3)
+    assert defense.recipes_for("lora", lambdas) == [("reference", lambdas), ("scan-consistency", (0.0, 0.0))]
+    assert defense.recipes_for("prefix", lambdas) == [("reference", lambdas)]
+    same = defense.recipes_for("adapter", lambdas, lora_variant="scan-consistency", lora_lambdas=(0.0, 0.0))
+    assert same == [("reference", lambdas), ("scan-consistency", (0.0, 0.0))]
 
 
 def test_every_lora_variant_has_a_grid_and_a_valid_config():
