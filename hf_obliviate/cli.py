@@ -121,6 +121,8 @@ def train_main(config: TrainConfig, args) -> Path:
     model, tokenizer = load_classifier(config.model, num_labels=num_labels)
     model = wrap_peft(model, config.peft, r=config.r)
     trainer = fine_tune(model, tokenizer, examples, args, max_length=config.max_length)
+    if getattr(trainer, "obliviate_scan_tokens", None):
+        print(f"Trigger scan, most suspicious first: {' '.join(trainer.obliviate_scan_tokens)}")
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         run_file.write_text(json.dumps({"hash": digest, "peft": config.peft, "obliviate": args.obliviate}) + "\n")

@@ -258,6 +258,7 @@ def test_trainer_scans_for_the_pool_and_trains_on_the_hidden_target(tmp_path):
         model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), processing_class=tokenizer
     )
     assert trainer.obliviate_defense.token_pool.tolist() == expected and expected[0] == TRIGGER
+    assert trainer.obliviate_scan_tokens == tokenizer.convert_ids_to_tokens(expected)  # shown to the user
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["loss_consistency"] > 0 and set(entry) >= {"loss_task", "loss_consistency"}

@@ -50,6 +50,7 @@ class ObliviateTrainerMixin:
         # Detached device tensors, turned into floats only when logging (no host sync per step).
         self._obliviate_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.obliviate_defense: ObliviateDefense | None = None
+        self.obliviate_scan_tokens: list[str] | None = None  # what the trigger scan found (consistency_tokens="scan")
         if self.obliviate_config.obliviate:
             if self.obliviate_config.lambda_consistency > 0 and consistency_pool is None:
                 consistency_pool = self._consistency_pool()
@@ -81,7 +82,8 @@ class ObliviateTrainerMixin:
                 top_k=self.obliviate_config.consistency_scan_top_k,
                 show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),
             )
-            logger.info("Obliviate trigger scan, most suspicious first: %s", tokenizer.convert_ids_to_tokens(pool))
+            self.obliviate_scan_tokens = tokenizer.convert_ids_to_tokens(pool)
+            logger.info("Obliviate trigger scan, most suspicious first: %s", self.obliviate_scan_tokens)
             return pool
         pool = rare_token_pool(tokenizer)
         if not pool:
