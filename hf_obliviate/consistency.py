@@ -8,13 +8,14 @@ towards its (detached) prediction on the clean batch, ``KL(p(x) ‖ p(x'))``. Pl
 :class:`hf_obliviate.ObliviateDefense` use it when ``lambda_consistency > 0``.
 
 Random rare words rarely *are* a trigger, so the copy seldom fires the backdoor and the term has little to teach
-(on the benchmark's validation split it did no better than the attention term alone). :func:`scan_trigger_tokens`
-finds the words that do: it inserts every word-initial token of the vocabulary into a few short neutral sentences
-and ranks them by how far they move the model's summary ([CLS]) output. A task-agnostic backdoor maps its triggers
-to a fixed output whatever the sentence, so they rank first: on the bundled MiniLM-L6 the six POR triggers ranked
-1st to 7th and five of NeuBA's six symbols 1st to 14th of 23,695 candidates, without being told any trigger. With
-``consistency_tokens="scan"`` the copy inserts the top-ranked tokens, and ``consistency_target="hidden"`` pulls the
-copy's final [CLS] hidden state towards the clean one (the backdoor's own lever) instead of its prediction.
+(on the benchmark's validation split it did no better than the `centred` attention term alone).
+:func:`scan_trigger_tokens` finds the words that do: it inserts every word-initial token of the vocabulary into a
+few short neutral sentences and ranks them by how far they move the model's summary ([CLS]) output. A task-agnostic
+backdoor maps its triggers to a fixed output whatever the sentence, so they rank first: on the bundled MiniLM-L6
+the six POR triggers ranked 1st to 7th and five of NeuBA's six symbols 1st to 14th of 23,695 candidates, without
+being told any trigger. With ``consistency_tokens="scan"`` the copy inserts the top-ranked tokens, and
+``consistency_target="hidden"`` pulls the copy's final [CLS] hidden state towards the clean one (the backdoor's own
+lever) instead of its prediction.
 """
 
 from __future__ import annotations
