@@ -168,24 +168,21 @@ def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) 
     """The trigger scan's 32 tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens` on the model
     before fine-tuning, which is what `ObliviateTrainer` runs without a ``consistency_pool``), cached per encoder
     checkpoint: every seed and PEFT type of an encoder starts from the same weights, so the scan is the same."""
-    import hashlib
-
+    from hf_obliviate.artifacts import settings_hash
     from hf_obliviate.bundled import minilm_path
     from hf_obliviate.consistency import SCAN_SENTENCES, scan_trigger_tokens
+    from hf_obliviate.delta.writer import write_json_atomic
     from hf_obliviate.smollm import cache_dir
 
     texts = SCAN_SENTENCES[:sentences]
     source = Path(encoder_path or minilm_path()).resolve()
     stamp = (source / "model.safetensors").stat().st_mtime_ns if (source / "model.safetensors").is_file() else 0
-    key = hashlib.sha256(json.dumps([str(source), stamp, list(texts)]).encode()).hexdigest()[:16]
-    path = cache_dir() / "trigger-scans" / f"{key}.json"
+    path = cache_dir() / "trigger-scans" / f"{settings_hash([str(source), stamp, list(texts)])}.json"
     if path.is_file():
         return json.loads(path.read_text())
     tokens = scan_trigger_tokens(model, tokenizer, top_k=32, sentences=texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(tokens))
-    tmp.replace(path)
+    write_json_atomic(path, tokens)  # two workers may scan the same encoder at once: the last rename wins
     return tokens
 
 

@@ -16,17 +16,25 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 INFO_FILE = "obliviate_artifact.json"
 KINDS = ("classifier", "causal-lm", "delta")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def settings_hash(settings: Any, length: int = 16) -> str:
+    """The first ``length`` hex digits of SHA-256 over ``settings`` as canonical JSON (keys sorted, anything JSON does
+    not know written with ``str``): the cache key of everything cached by its settings (attacks, fine-tunes, scans)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 def artifacts_root() -> Path:

@@ -89,12 +89,12 @@ _VOLATILE = {"output_dir", "logging_dir", "run_name", "report_to", "disable_tqdm
 
 
 def _run_hash(config: TrainConfig, args) -> str:
-    import hashlib
     from dataclasses import asdict
 
+    from .artifacts import settings_hash
+
     settings = {k: v for k, v in args.to_dict().items() if k not in _VOLATILE}
-    blob = json.dumps({"data": asdict(config), "args": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return settings_hash({"data": asdict(config), "args": settings})
 
 
 def train_main(config: TrainConfig, args) -> Path:

@@ -253,10 +253,13 @@ def scan_trigger_tokens(
         device = torch.device("cpu")
     rows = []
     for sentence in sentences:
-        words = tokenizer(sentence, add_special_tokens=False)["input_ids"]
-        full = tokenizer(sentence)["input_ids"]  # the words between the tokenizer's own special tokens
-        prefix = next((k for k in range(len(full) - len(words) + 1) if full[k : k + len(words)] == words), 0)
-        row = full[:prefix] + words[:max_words] + full[prefix + len(words) :]
+        encoded = tokenizer(sentence, return_special_tokens_mask=True)
+        kept = 0  # the tokenizer's own special tokens, and the first max_words word pieces between them
+        row = []
+        for token, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+            if special or kept < max_words:
+                row.append(token)
+                kept += not special
         if len(row) < 2:
             raise ValueError(f"The scan sentence {sentence!r} tokenises to fewer than 2 tokens.")
         rows.append(row)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import settings_hash
 from ..triggers import DEFAULT_TRIGGERS
 
 __all__ = [
@@ -234,7 +235,7 @@ def config_hash(attack: str, config: BackdoorConfig, model_name_or_path, corpus:
     """12 hex digits of SHA-256 over the attack name, the config (``device`` excluded), the model and the corpus."""
     payload = {k: v for k, v in config.to_dict().items() if k != "device"}
     key = {"attack": attack, "config": payload, "model": str(model_name_or_path), "corpus": corpus_digest(corpus)}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return settings_hash(key, length=12)
 
 
 def attack_cache_dir(

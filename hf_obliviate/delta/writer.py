@@ -115,7 +115,7 @@ class ShardWriter:
         return entry_shard, shards
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict | list) -> None:
     """Writes JSON through a temporary file and a rename; ``obliviate_delta.json`` gets its checksum first."""
     if path.name == DELTA_CONFIG_NAME:  # the delta metadata carries its own checksum
         obj = json.loads(json.dumps(obj))  # checksum what a reader will parse (tuples, int keys, ...)

@@ -14,7 +14,6 @@ Stages (each cached and written incrementally, so an interrupted run keeps what 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..artifacts import settings_hash
 from ..consistency import rare_token_pool
 from .config import FreeLunchConfig
 from .data import (
@@ -58,10 +58,6 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _base_path(config: FreeLunchConfig) -> str:
     if config.model:
         return str(config.model)
@@ -126,7 +122,7 @@ class PoisonedFineTune:
             "lora_r": self.lora_r if self.kind != "full" else None,
             "lambdas": [self.lambda_amp, self.lambda_attn] if self.kind == "defended" else None,
         }
-        return cache_dir() / "freelunch" / f"{self.kind}-{_hash(settings)}"
+        return cache_dir() / "freelunch" / f"{self.kind}-{settings_hash(settings)}"
 
     @property
     def cached(self) -> bool:
@@ -813,7 +809,7 @@ def is_shrunk(variant: str | None) -> bool:
 def _scores_path(key: dict) -> Path:
     from hf_obliviate.smollm import cache_dir
 
-    return cache_dir() / "freelunch" / "scores" / f"{_hash(key)}.json"
+    return cache_dir() / "freelunch" / "scores" / f"{settings_hash(key)}.json"
 
 
 def run_freelunch(config: FreeLunchConfig | None = None) -> dict:
