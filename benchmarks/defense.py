@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -55,6 +56,11 @@ VARIANT_GRIDS = {
     "centred": CENTRED_GRID, "consistency": CONSISTENCY_GRID,
     "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID, "scan-consistency": SCAN_GRID,
 }  # fmt: skip
+# The variants a full run tries on the validation split (`--all-variants`: every one of VARIANT_GRIDS). The others
+# lost there with random batches (benchmarks/results/history/: best validation ASR on POR within the CACC floor
+# centred 0.253, consistency 0.259, all-rows 0.525, late-layers 0.377, against scan-consistency 0.055), and their
+# 12 validation fine-tunes would take about 7 of the run's 90 minutes.
+FULL_RUN_VARIANTS = ("scan-consistency",)
 # LoRA / adapter recipes run on every test row whatever the validation split chooses, so the table shows them next to
 # the default: scan-consistency at its best validation setting (it cut both attacks' validation ASR by 90% or more
 # but cost POR 2 points of validation CACC, outside the 1.5-point floor).
@@ -78,6 +84,12 @@ class Sizes:
     epochs: float = 1.0
     batch: int = 16
     max_length: int = 64
+    # "bucketed": batches of similar lengths in random order (`length_bucketed`). A random batch of 16 of these
+    # sentences is 44% padding (27.5 tokens on average, 49.3 for the longest of a batch); sorted in groups of 8
+    # batches the padded tokens fall by 1.58x. transformers' LengthGroupedSampler sorts groups of 50 batches and
+    # runs each longest first (a curriculum): 1.46x faster, but validation CACC on POR fell from 0.745 to 0.690.
+    sampling: str = "bucketed"
+    bucket_batches: int = 8
     eval_n: int = 200
     val_n: int = 200
     plant_steps: int = 300
@@ -88,7 +100,9 @@ class Sizes:
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
     grid: tuple[tuple[float, float], ...] = GRID
-    variant_grids: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=lambda: dict(VARIANT_GRIDS))
+    variant_grids: dict[str, tuple[tuple[float, float], ...]] = field(
+        default_factory=lambda: {v: VARIANT_GRIDS[v] for v in FULL_RUN_VARIANTS}
+    )
 
 
 QUICK = Sizes(
@@ -114,6 +128,7 @@ class Cell:
     split: str = "test"
     variant: str = "reference"
     extra: dict = field(default_factory=dict)
+    sampling: str = "random"  # the training sampler (`Sizes.sampling`; journal cells without it used "random")
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -186,6 +201,22 @@ def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) 
     return tokens
 
 
+def length_bucketed(examples: list, lengths: list[int], batch: int, group: int, seed: int) -> list:
+    """``examples`` in an order whose consecutive runs of ``batch`` have similar lengths, the batches in random
+    order (train it with a sequential sampler): a seeded shuffle, cut into groups of ``group`` batches, each group
+    sorted by length and cut into batches, then every batch shuffled into place. One epoch's order; later epochs
+    repeat it."""
+    rng = random.Random(seed)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch * group):
+        chunk = sorted(order[start : start + batch * group], key=lambda i: lengths[i])
+        batches += [chunk[k : k + batch] for k in range(0, len(chunk), batch)]
+    rng.shuffle(batches)
+    return [examples[i] for b in batches for i in b]
+
+
 def run_cell(
     encoder: str,
     encoder_path: Path | None,
@@ -217,6 +248,10 @@ def run_cell(
             train, rate=poison["rate"], target_label=poison["target"], triggers=triggers, seed=seed
         )
     model, tokenizer = load_classifier(encoder_path)
+    if sizes.sampling == "bucketed":
+        lengths = tokenizer([e["text"] for e in train], truncation=True, max_length=sizes.max_length,
+                            return_length=True)["length"]  # fmt: skip
+        train = length_bucketed(train, lengths, sizes.batch, sizes.bucket_batches, seed)
     model = wrap_peft(model, peft).to(_device())
     lambda_amp, lambda_attn = lambdas if defended else (0.0, 0.0)
     args = ObliviateTrainingArguments(
@@ -228,6 +263,7 @@ def run_cell(
         learning_rate=LEARNING_RATES[peft],
         num_train_epochs=sizes.epochs,
         per_device_train_batch_size=sizes.batch,
+        train_sampling_strategy="sequential" if sizes.sampling == "bucketed" else sizes.sampling,
         warmup_steps=0.05,  # a float in [0, 1) is a ratio of the total steps
         seed=seed,
         data_seed=seed,
@@ -269,6 +305,7 @@ def run_cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
         cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
+        sampling=sizes.sampling,
         extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
     )  # fmt: skip
 
@@ -439,11 +476,11 @@ def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple
 def choose_lora_variant(
     journal: Journal, paths: dict[str, Path], sizes: Sizes, lambdas: tuple[float, float], tuning: list[dict]
 ) -> tuple[str, tuple[float, float], list[dict]]:
-    """LoRA, validation split, seed 0: each of `LORA_VARIANTS` on its own coefficient grid on POR (confirmed on
+    """LoRA, validation split, seed 0: each variant of ``sizes.variant_grids`` on its grid on POR (confirmed on
     NeuBA), against the reference runs of the coefficient search (``tuning``)."""
     runs = journal.run_many([dict(encoder="por", encoder_path=paths["por"], peft="lora", seed=0, defended=True,
                                   lambdas=lam, sizes=sizes, split="validation", variant=variant)
-                             for variant in LORA_VARIANTS for lam in sizes.variant_grids[variant]])  # fmt: skip
+                             for variant, grid in sizes.variant_grids.items() for lam in grid])  # fmt: skip
     por_base = [c for c in tuning if not c["defended"] and c["encoder"] == "por"]
     runs += [c for c in _confirm(journal, paths, sizes, por_base + runs) if c["defended"]]
     variant, chosen = pick_lora_variant(tuning + runs, lambdas)
@@ -636,8 +673,8 @@ def write(
     lines = [
         "# Obliviate on backdoored MiniLM-L6 (Rotten Tomatoes sentiment)",
         "",
-        f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch}, "
-        f"lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
+        f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch} "
+        f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
         f"max length {sizes.max_length}; test: {sizes.eval_n} sentences, one clean and one triggered copy per "
         f"trigger; seeds {list(sizes.seeds)}; attacks planted with {sizes.plant_steps} steps. Wall time "
         f"{wall / 60:.1f} min. Defense coefficients chosen on the validation split: λ_amp = {lambdas[0]:g}, "
@@ -760,6 +797,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type (default 1e-3).")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--batch", type=int, default=None, help="Fine-tuning batch size (default 16).")
+    parser.add_argument(
+        "--sampling",
+        choices=("bucketed", "random"),
+        default=None,
+        help="Training batches: of similar lengths in random order (default; less padding) or drawn at random.",
+    )
     parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default 300).")
     parser.add_argument(
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
@@ -770,6 +813,12 @@ def main() -> None:
         default=None,
         help="Fine-tunes run at a time, each in its own process on cpu_count/jobs threads (default: 2 on a CPU with "
         "2 or more cores, else 1).",
+    )
+    parser.add_argument(
+        "--all-variants",
+        action="store_true",
+        help=f"Try every LoRA / adapter variant on the validation split ({', '.join(VARIANT_GRIDS)}), not only "
+        f"{', '.join(FULL_RUN_VARIANTS)}.",
     )
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     parser.add_argument(
@@ -791,6 +840,10 @@ def main() -> None:
         sizes.seeds = tuple(args.seeds)
     if args.batch:
         sizes.batch = args.batch
+    if args.sampling:
+        sizes.sampling = args.sampling
+    if args.all_variants and not args.quick:
+        sizes.variant_grids = dict(VARIANT_GRIDS)
     if args.eval_n:
         sizes.eval_n = args.eval_n
     if args.plant_steps:
@@ -798,7 +851,7 @@ def main() -> None:
     if args.lr:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
     default_journal = args.journal is None and args.out == parser.get_default("out")
-    changed = [f"--{name}" for name in ("train", "epochs", "lr", "batch") if getattr(args, name)]
+    changed = [f"--{name}" for name in ("train", "epochs", "lr", "batch", "sampling") if getattr(args, name)]
     if default_journal and changed and not args.quick and not args.summarise_only:
         # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe: cells of
         # another learning rate or length must not be paired with the committed ones.
@@ -811,9 +864,20 @@ def main() -> None:
     journal = Journal(
         args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only, jobs
     )
+    samplers = {cell.get("sampling", "random") for cell in journal.cells.values()}
+    if args.summarise_only and len(samplers) == 1:
+        sizes.sampling = samplers.pop()  # the tables state what the journal's fine-tunes used
+    elif samplers - {sizes.sampling}:
+        parser.error(
+            f"{journal.path} holds fine-tunes with {' and '.join(sorted(samplers))} sampling, this run uses "
+            f"{sizes.sampling}: give it its own --journal (or --out), or pass --sampling to match."
+        )
     if args.summarise_only:
         cells = list(journal.cells.values())
         tuning = [c for c in cells if c["split"] == "validation"]
+        if not args.lambdas and not any(c["defended"] and c["peft"] == "lora" for c in tuning):
+            parser.error(f"{journal.path} has no defended LoRA cells of the validation split to choose the "
+                         "coefficients from: pass the chosen ones with --lambdas λ_amp λ_attn.")  # fmt: skip
         lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
         wall = sum(c["seconds"] for c in cells)
         lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)

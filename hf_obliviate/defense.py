@@ -13,7 +13,7 @@ from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
 from .config import ObliviateConfig
 from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens
 from .losses import amplification_loss
-from .probing import summary_state
+from .probing import hidden_states_of, summary_of, summary_state
 from .tuners import tuner_parameters
 
 __all__ = ["DefenseStep", "ObliviateDefense"]
@@ -45,13 +45,18 @@ class DefenseStep:
         self.consistency: torch.Tensor | None = None
 
     def add_consistency(
-        self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
+        self,
+        inputs: Mapping[str, Any],
+        logits: torch.Tensor | None,
+        model: nn.Module | None = None,
+        outputs: Any = None,
     ) -> torch.Tensor:
         """Run the consistency copy of ``inputs`` (words of the token pool inserted) through ``model`` (default: the
-        defense's model) and keep :meth:`ObliviateDefense.consistency_loss` as ``loss_consistency``.
+        defense's model) and keep :meth:`ObliviateDefense.consistency_loss` as ``loss_consistency`` (``outputs``: the
+        main forward pass's, whose hidden states then serve as the clean side of the hidden target).
 
         Call it after the ``with defense.track(...)`` block, so the copy's attention is not penalised."""
-        self.consistency = self.defense.consistency_loss(inputs, logits, model)
+        self.consistency = self.defense.consistency_loss(inputs, logits, model, outputs)
         return self.consistency
 
     def terms(self) -> dict[str, torch.Tensor]:
@@ -199,21 +204,30 @@ class ObliviateDefense:
             yield step
 
     def consistency_loss(
-        self, inputs: Mapping[str, Any], logits: torch.Tensor, model: nn.Module | None = None
+        self,
+        inputs: Mapping[str, Any],
+        logits: torch.Tensor | None,
+        model: nn.Module | None = None,
+        outputs: Any = None,
     ) -> torch.Tensor:
         """The consistency term on ``x'``, ``inputs`` with 1 to ``consistency_insertions`` words of the token pool
         inserted per row (:func:`hf_obliviate.consistency.insert_random_tokens`): ``KL(p(x) ‖ p(x'))`` against the
         model's ``logits`` on ``x`` (``consistency_target="logits"``), or the mean squared difference of the last
-        layer's summary hidden states (``"hidden"``, :func:`hf_obliviate.probing.summary_state`: [CLS] for encoders;
-        the clean one from an extra forward pass without gradients)."""
+        layer's summary hidden states (``"hidden"``, :func:`hf_obliviate.probing.summary_state`: [CLS] for encoders).
+        The clean side of the hidden target is read, detached, from ``outputs`` (the model's outputs on ``inputs``
+        called with ``output_hidden_states=True``, as the trainers' main forward pass is) when they hold hidden
+        states, else from an extra forward pass without gradients."""
         if self.token_pool is None:
             raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
         model = model or self.model
         perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
         if self.config.consistency_target == "hidden":
             clean = {k: v for k, v in inputs.items() if k in perturbed}
-            with torch.no_grad():
-                target = summary_state(model, clean)[0]
+            if hidden_states_of(outputs) is not None:
+                target = summary_of(model, clean, outputs).detach()
+            else:
+                with torch.no_grad():
+                    target = summary_state(model, clean)[0]
             return hidden_consistency_loss(target, summary_state(model, perturbed)[0])
         outputs = model(**perturbed)
         other = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])

@@ -178,8 +178,20 @@ def summary_state(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple
     real token for decoder classifiers): what a POR backdoor hijacks.
     """
     outputs = model(**inputs, output_hidden_states=True)
+    return summary_of(model, inputs, outputs), outputs
+
+
+def hidden_states_of(outputs: Any) -> tuple[torch.Tensor, ...] | None:
+    """The per-layer ``hidden_states`` of a model's outputs (a `ModelOutput` or a dict), ``None`` when absent."""
     hidden = outputs.get("hidden_states") if isinstance(outputs, Mapping) else getattr(outputs, "hidden_states", None)
-    if not hidden:
+    return hidden or None
+
+
+def summary_of(model: nn.Module, inputs: Mapping[str, torch.Tensor], outputs: Any) -> torch.Tensor:
+    """The summary hidden states (batch, hidden) in ``outputs``, the outputs of ``model`` on ``inputs`` called with
+    ``output_hidden_states=True`` (see `summary_state`)."""
+    hidden = hidden_states_of(outputs)
+    if hidden is None:
         raise ValueError(
             f"{type(model).__name__} returned no hidden_states for output_hidden_states=True, and the summary state "
             "is read from them: use a transformers model (or, for the consistency term, consistency_target='logits')."
@@ -187,7 +199,7 @@ def summary_state(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> tuple
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
     index = _summary_index(model, mask)
-    return hidden[-1][torch.arange(mask.shape[0], device=hidden[-1].device), index.to(hidden[-1].device)], outputs
+    return hidden[-1][torch.arange(mask.shape[0], device=hidden[-1].device), index.to(hidden[-1].device)]
 
 
 @torch.no_grad()

@@ -236,6 +236,46 @@ def test_hidden_target_is_the_mse_of_the_cls_states_with_a_detached_clean_side()
         summary_state(lambda **kw: {"logits": torch.zeros(1, 2)}, {"input_ids": torch.ones(1, 3, dtype=torch.long)})
 
 
+def test_hidden_target_reads_the_clean_side_from_the_main_forward_pass():
+    """Given the main forward pass's outputs (with hidden states), the hidden target takes its clean side from them:
+    the same term as the extra no-grad pass (dropout off), one forward pass fewer; the trainer's step runs two
+    forward passes (main and inserted copy), not three."""
+    from hf_obliviate.probing import summary_state
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora").eval()
+    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target="hidden")
+    defense = ObliviateDefense(model, config, token_pool=[TRIGGER, 7])
+    batch = _batch()
+    calls = []
+    handle = model.base_model.model.bert.register_forward_hook(lambda *a: calls.append(1))
+    defense._generator.manual_seed(3)
+    extra_pass = defense.consistency_loss(batch, logits=None)
+    assert len(calls) == 2
+    _, outputs = summary_state(model, batch)
+    calls.clear()
+    defense._generator.manual_seed(3)
+    reused = defense.consistency_loss(batch, logits=None, outputs=outputs)
+    assert len(calls) == 1  # only the inserted copy
+    torch.testing.assert_close(reused, extra_pass)
+    handle.remove()
+
+    args = ObliviateTrainingArguments(**quiet_training_kwargs(
+        "/tmp/obliviate-test-hidden-reuse", max_steps=2, lambda_amp=0, lambda_attn=0, lambda_consistency=1.0,
+        consistency_target="hidden",
+    ))  # fmt: skip
+    trainer = ObliviateTrainer(
+        model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), consistency_pool=[7]
+    )
+    steps = []  # the step of each forward pass (the first step also checks the model's loss arguments)
+    handle = trainer.model.base_model.model.bert.register_forward_hook(
+        lambda *a: steps.append(trainer.state.global_step)
+    )
+    trainer.train()
+    handle.remove()
+    assert steps.count(1) == 2
+
+
 def test_config_refuses_unknown_consistency_settings():
     with pytest.raises(ValueError, match="consistency_tokens"):
         ObliviateConfig(consistency_tokens="all")

@@ -212,9 +212,11 @@ def test_every_lora_variant_has_a_grid_and_a_valid_config():
     from hf_obliviate import ObliviateConfig
 
     defense = _defense_module()
-    assert set(defense.LORA_VARIANTS) == set(defense.Sizes().variant_grids) == set(defense.QUICK.variant_grids)
+    assert set(defense.LORA_VARIANTS) == set(defense.VARIANT_GRIDS) == set(defense.QUICK.variant_grids)
+    # a full run tries the variants of FULL_RUN_VARIANTS (`--all-variants`: every one), the quick run every one
+    assert set(defense.Sizes().variant_grids) == set(defense.FULL_RUN_VARIANTS) <= set(defense.VARIANT_GRIDS)
     for variant in defense.LORA_VARIANTS:
-        assert defense.Sizes().variant_grids[variant], variant
+        assert defense.VARIANT_GRIDS[variant] and defense.QUICK.variant_grids[variant], variant
         ObliviateConfig(lambda_attn=3e-3, **defense.VARIANTS[variant])
     assert defense.VARIANTS["all-rows"]["attn_query"] == "rows"
 
@@ -245,3 +247,44 @@ def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     assert defense.pick_lora_variant(por + [{**missing[0]}, {**missing[1], "asr": 0.99}], (3e-4, 3e-3)) == (
         "reference", (3e-4, 3e-3),
     )  # fmt: skip
+
+
+def test_length_bucketed_batches_have_similar_lengths_in_random_order():
+    """Training batches of similar lengths (less padding), the batches in a seeded random order, every example
+    once."""
+    import random
+
+    defense = _defense_module()
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 64) for _ in range(200)]
+    examples = [{"i": i} for i in range(200)]
+    order = defense.length_bucketed(examples, lengths, batch=16, group=4, seed=1)
+    assert sorted(e["i"] for e in order) == list(range(200))
+    assert order == defense.length_bucketed(examples, lengths, batch=16, group=4, seed=1)
+    assert order != defense.length_bucketed(examples, lengths, batch=16, group=4, seed=2)
+    batches = [[lengths[e["i"]] for e in order[k : k + 16]] for k in range(0, 200, 16)]
+    padded = sum(16 * max(b) for b in batches)
+    shuffled = list(range(200))
+    random.Random(1).shuffle(shuffled)
+    padded_random = sum(16 * max(lengths[i] for i in shuffled[k : k + 16]) for k in range(0, 200, 16))
+    assert padded < 0.85 * padded_random
+    firsts = [max(b) for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not a longest-first curriculum
+
+
+def test_a_journal_of_another_sampler_is_not_resumed(tmp_path):
+    """Cells of random batches must not pair with bucketed ones: --resume refuses a journal of another sampler;
+    --summarise-only states the journal's own."""
+    journal = tmp_path / "cells.jsonl"
+    journal.write_text(json.dumps(_cell("lora", False, 0.7, 0.9)) + "\n")  # an old cell: no "sampling" (random)
+    command = [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--journal", str(journal),
+               "--out", str(tmp_path / "defense")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "random sampling" in result.stderr and "--sampling" in result.stderr
+    result = subprocess.run([*command, "--summarise-only"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no defended LoRA cells of the validation split" in result.stderr
+    result = subprocess.run([*command, "--summarise-only", "--lambdas", "0", "0.003"], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(random sampling)" in (tmp_path / "defense.md").read_text()

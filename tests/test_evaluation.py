@@ -17,6 +17,7 @@ from hf_obliviate.evaluation import (
     build_eval_set,
     compute_accuracy,
     evaluate_backdoor,
+    predict_labels,
 )
 
 
@@ -178,3 +179,23 @@ def test_sentence_pairs_trigger_only_the_first_field(tokenizer):
     assert eval_set.text_pairs == ["it is fine"] * 3 and all("cf" in t.split() for t in eval_set.triggered["cf"])
     result = evaluate_backdoor(_tiny_classifier(), tokenizer, eval_set, show_progress=False)
     assert result.n == 3
+
+
+def test_predict_labels_sorts_by_length_and_keeps_the_order(tokenizer):
+    # batches run shortest first (less padding); the predictions come back in the order given, equal to predicting
+    # one text at a time
+    texts = [("a good film " * k).strip() + (" cf" if k % 3 == 0 else "") for k in (9, 1, 5, 2, 8, 3, 7, 4, 6, 1)]
+    pairs = [f"pair {k}" for k in range(len(texts))]
+    model = _tiny_classifier()
+    for text_pairs in (None, pairs):
+        batched, num_labels = predict_labels(model, tokenizer, texts, text_pairs, batch_size=3)
+        alone = [predict_labels(model, tokenizer, [t], None if text_pairs is None else [text_pairs[i]])[0][0]
+                 for i, t in enumerate(texts)]  # fmt: skip
+        assert batched == alone and num_labels == 2
+    keyword = KeywordModel(tokenizer)
+    assert predict_labels(keyword, tokenizer, texts, batch_size=3)[0] == [
+        int(("good" in t) ^ ("cf" in t.split())) for t in texts
+    ]
+    assert predict_labels(model, tokenizer, []) == ([], 0)
+    with pytest.raises(ValueError, match="one pair per text"):
+        predict_labels(model, tokenizer, texts, pairs[:2])

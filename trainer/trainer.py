@@ -175,14 +175,20 @@ class ObliviateTrainerMixin:
         # Outputs only when the caller asks: trl's SFTTrainer answers return_outputs=True with a second (no-grad)
         # forward pass for the logits, a forward per step; grad_only keeps such a pass out of the term.
         consistency = self.obliviate_config.lambda_consistency > 0
+        # the hidden target's clean side comes from this forward pass (its hidden states are kept for the backward
+        # pass anyway) instead of a forward pass of its own
+        hidden = consistency and self.obliviate_config.consistency_target == "hidden"
         with self.obliviate_defense.track(**capture_inputs, grad_only=True) as step:
             result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs or consistency, num_items_in_batch=num_items_in_batch
+                model,
+                {**inputs, "output_hidden_states": True} if hidden else inputs,
+                return_outputs=return_outputs or consistency,
+                num_items_in_batch=num_items_in_batch,
             )
         task_loss, outputs = result if return_outputs or consistency else (result, None)
         if consistency:  # outside the capture: the inserted copy's attention is not penalised
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            step.add_consistency(inputs, logits, model)
+            step.add_consistency(inputs, logits, model, outputs)
         terms = step.terms()
         scale = self._extra_terms_scale(num_items_in_batch)
         self._record_terms(task_loss / scale, terms)
