@@ -70,15 +70,14 @@ TEST_RECIPES = (("scan-consistency", (0.0, 0.0)),)
 @dataclass
 class Sizes:
     """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached), then 27 validation and 92 test fine-tunes of 100 steps, each evaluated on 200
-    sentences × (1 + one per trigger) copies. On 2 idle cores one such fine-tune takes 77 s on two threads, and two
-    run side by side on one thread each in 104 s (``--jobs 2``, the default there). Measured that way: the validation
-    split and the POR and clean test rows of the defaults and the reference recipe (48 fine-tunes) took 49.8 minutes,
-    about 87 projected for the 92 fine-tunes without `scan-consistency`. Its 27 cells (two forward passes more per
-    step) add about 43 (14 of them took 22 minutes): about 130 in all, over the issue's 90-minute budget.
-    LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.745 on the POR encoder; at 60 steps and lr 5e-4 it stayed
-    at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu`` (other
-    fine-tunes need their own journal)."""
+    hour there (once; cached), then 18 validation and 116 test fine-tunes of 100 steps, each evaluated on 200
+    sentences × (1 + one per trigger) copies. Measured end to end on 2 idle cores with the encoders planted and cached
+    (``--jobs 2``, the default there: two one-thread fine-tunes side by side): 80.1 minutes (2026-11-24), the scans of
+    the two newly planted encoders included; a plain cell took about 50 s, a `scan-consistency` one about 87 s. With
+    random batches (``--sampling random``) the same two cells took 75 s and 168 s.
+    LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
+    stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
+    (other fine-tunes need their own journal)."""
 
     train: int = 1600
     epochs: float = 1.0
@@ -757,8 +756,8 @@ def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
         return
     labels = [f"{r['encoder']}\n{r['peft']}" for r in rows]
     x = list(range(len(rows)))
-    recipes = [name for name, _ in TEST_RECIPES if any(r["variant"] == name for r in extra)]
-    by_cell = {(r["variant"], r["encoder"], r["peft"]): r for r in extra}
+    recipes = [(name, tuple(lam)) for name, lam in TEST_RECIPES if any(r["variant"] == name for r in extra)]
+    by_cell = {(r["variant"], r["lambda_amp"], r["lambda_attn"], r["encoder"], r["peft"]): r for r in extra}
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.8 * len(rows)), 7), sharex=True)
     width = 0.8 / (2 + len(recipes))
     for ax, key, title in (
@@ -767,9 +766,10 @@ def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
     ):
         series = [("undefended", [r[f"{key}_undefended"] for r in rows]),
                   ("Obliviate (defaults)", [r[f"{key}_defended"] for r in rows])]  # fmt: skip
-        for name in recipes:
-            cells = [by_cell.get((name, r["encoder"], r["peft"])) for r in rows]
-            series.append((name, [c[f"{key}_defended"] if c else float("nan") for c in cells]))
+        for name, (amp, attn) in recipes:  # named with λ: the defaults may be the same recipe at other λ
+            cells = [by_cell.get((name, amp, attn, r["encoder"], r["peft"])) for r in rows]
+            values = [c[f"{key}_defended"] if c else float("nan") for c in cells]
+            series.append((f"{name}, λ {amp:g}/{attn:g}", values))
         for k, (label, values) in enumerate(series):
             offset = (k - (len(series) - 1) / 2) * width
             ax.bar([i + offset for i in x], values, width, label=label)
