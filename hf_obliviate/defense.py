@@ -229,8 +229,8 @@ class ObliviateDefense:
                 with torch.no_grad():
                     target = summary_state(model, clean)[0]
             return hidden_consistency_loss(target, summary_state(model, perturbed)[0])
-        outputs = model(**perturbed)
-        other = outputs["logits"] if isinstance(outputs, Mapping) else getattr(outputs, "logits", outputs[0])
+        copy = model(**perturbed)  # ``outputs`` stays the main pass's
+        other = copy["logits"] if isinstance(copy, Mapping) else getattr(copy, "logits", copy[0])
         return consistency_loss(logits, other)
 
     def remove(self) -> None:
