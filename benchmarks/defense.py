@@ -4,8 +4,9 @@
    (cached by config hash, so reruns skip this), plus an adaptive POR that plants under the attention penalty.
 2. Choose the defense coefficients and the LoRA / adapter recipe on a validation split carved from the training
    sentences (never the test sentences): small grids on POR + LoRA; the settings whose validation CACC stays within
-   1.5 points of the undefended run also run on NeuBA + LoRA, and the setting with the lowest validation ASR averaged
-   over both attacks wins (it must keep the CACC floor on each).
+   1.5 points of the undefended run also run on NeuBA + LoRA; the best few of them run again on a second seed, and
+   the setting with the lowest validation ASR averaged over the seeds and both attacks wins (its CACC must keep the
+   floor on each attack).
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
    fine-tune on Rotten Tomatoes sentences undefended and defended (the reference recipe, the recipe chosen on the
    validation split, and for LoRA / adapters the `scan-consistency` variant of `TEST_RECIPES`), and measure CACC and
@@ -29,10 +30,12 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+
+from hf_obliviate.config import SCAN_CONSISTENCY, ObliviateConfig
 
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
@@ -97,6 +100,11 @@ class Sizes:
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
     scan_sentences: int = 2  # sentences of the scan-consistency variant's trigger scan (about a minute on 2 cores)
     seeds: tuple[int, ...] = (0, 1)
+    # validation: every setting on seed 0, then the `finalists` best (and the best reference setting) on the other
+    # seeds, chosen by the mean over all of them (`confirm_finalists`)
+    val_seeds: tuple[int, ...] = (0, 1)
+    finalists: int = 3
+    adapter_finalists: int = 2  # the best LoRA settings (over the seeds) that also run as adapter fine-tunes
     attacks: tuple[str, ...] = ATTACKS
     pefts: tuple[str, ...] = PEFTS
     grid: tuple[tuple[float, float], ...] = GRID
@@ -107,7 +115,7 @@ class Sizes:
 
 QUICK = Sizes(
     train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, scan_sentences=1,
-    seeds=(0,),
+    seeds=(0,), val_seeds=(0, 1), finalists=1,
     pefts=("lora",), grid=((3e-4, 3e-3),), variant_grids={v: ((3e-4, 3e-3),) for v in VARIANT_GRIDS},
 )  # fmt: skip
 
@@ -148,13 +156,12 @@ VARIANTS = {
     "late-layers": {"attn_centre": False, "attn_layer_weights": [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]},
     # the consistency copy inserts the 32 tokens that a vocabulary scan of the encoder (before training) finds moving
     # its [CLS] output most, and pulls the copy's final [CLS] hidden state to the clean one
-    # (hf_obliviate.consistency.scan_trigger_tokens; no trigger is given to it). Weight: on the validation split
-    # (POR / NeuBA, no attention term) 0.01 left NeuBA at ASR 0.80, 0.1 with the attention term collapsed NeuBA.
-    "scan-consistency": {
-        "attn_centre": False, "lambda_consistency": 0.03, "consistency_insertions": 1,
-        "consistency_tokens": "scan", "consistency_target": "hidden",
-    },
+    # (hf_obliviate.consistency.scan_trigger_tokens; no trigger is given to it; hf_obliviate.config.SCAN_CONSISTENCY)
+    "scan-consistency": {"attn_centre": False, **SCAN_CONSISTENCY},
 }  # fmt: skip
+# A recipe is `ObliviateConfig`'s own settings (METHOD.md's terms) plus its VARIANTS overrides, whatever defaults
+# `ObliviateTrainingArguments` has (the classifier defaults are the recipe this benchmark chose).
+RECIPE_BASE = {f.name: f.default for f in fields(ObliviateConfig) if f.name != "obliviate"}
 LORA_VARIANTS = tuple(VARIANT_GRIDS)
 PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
@@ -257,9 +264,12 @@ def run_cell(
     args = ObliviateTrainingArguments(
         output_dir=f"/tmp/obliviate-defense/{encoder}-{peft}-{seed}-{int(defended)}",
         obliviate=defended,
-        lambda_amp=lambda_amp,
-        lambda_attn=lambda_attn,
-        **(VARIANTS[variant] if defended else {}),
+        **{
+            **RECIPE_BASE,
+            **(VARIANTS[variant] if defended else {}),
+            "lambda_amp": lambda_amp,
+            "lambda_attn": lambda_attn,
+        },
         learning_rate=LEARNING_RATES[peft],
         num_train_epochs=sizes.epochs,
         per_device_train_batch_size=sizes.batch,
@@ -329,6 +339,7 @@ class Journal:
         self._pool = None
         path.parent.mkdir(parents=True, exist_ok=True)
         self.cells: dict[tuple, dict] = {}
+        self.made = 0  # cells this process ran (the others came from the file)
         if resume and path.is_file():
             for line in path.read_text().splitlines():
                 cell = json.loads(line)
@@ -374,6 +385,7 @@ class Journal:
 
     def _record(self, key: tuple, cell: dict) -> None:
         self.cells[key] = cell
+        self.made += 1
         with open(self.path, "a") as handle:
             handle.write(json.dumps(cell) + "\n")
         print(
@@ -388,6 +400,7 @@ class Journal:
 # The recipe is chosen over both attacks whose planted backdoor works (ASR >= 0.8): POR for every setting, NeuBA for
 # the settings that keep clean accuracy on POR. Chosen on POR alone, the `centred` recipe helped POR and not NeuBA.
 VALIDATION_ENCODERS = ("por", "neuba")
+CACC_FLOOR = 0.015  # a defended run's clean accuracy may fall this far below the undefended run's (the issue's target)
 
 
 def _confirm(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
@@ -417,28 +430,60 @@ def choose_lambdas(journal: Journal, paths: dict[str, Path], sizes: Sizes) -> tu
 
 
 def _within_floor(cell: dict, base: dict) -> bool:
-    return cell["cacc"] >= base["cacc"] - 0.015 and not cell["near_chance"]
+    return cell["cacc"] >= base["cacc"] - CACC_FLOOR and not cell["near_chance"]
+
+
+def _setting(cell: dict) -> tuple:
+    return cell.get("variant", "reference"), cell["lambda_amp"], cell["lambda_attn"]
+
+
+def _ranked(tuning: list[dict], strict: bool = True) -> list[tuple[float, float, tuple, dict[tuple, dict]]]:
+    """The defended settings (recipe, λ_amp, λ_attn) of ``tuning`` that qualify, best first, as (mean ASR,
+    −mean CACC, setting, its runs by (encoder, PEFT type, seed)).
+
+    The undefended runs above chance are the bases, one per (encoder, PEFT type, seed). A setting qualifies when it
+    ran on every base's encoder, PEFT type and seed, none of those runs is at chance, and for each encoder and PEFT
+    type its CACC averaged over the seeds is within 1.5 points of the undefended average. Its score is the validation
+    ASR averaged over the seeds, then over the (encoder, PEFT type) pairs. ``strict=False`` drops the floor and ranks
+    by the largest CACC drop over the pairs first, then by the score: the setting that misses the floor least."""
+
+    def key(c: dict) -> tuple:
+        return c["encoder"], c["peft"], c.get("seed", 0)
+
+    bases = {key(c): c for c in tuning if not c["defended"] and not c["near_chance"]}
+    settings: dict[tuple, dict[tuple, dict]] = {}
+    for c in tuning:
+        if c["defended"]:
+            settings.setdefault(_setting(c), {})[key(c)] = c
+    by_encoder: dict[tuple, list[tuple]] = {}
+    for k in bases:
+        by_encoder.setdefault(k[:2], []).append(k)
+    mean = statistics.mean
+    scored = []
+    for setting, runs in settings.items():
+        if not bases or any(k not in runs or runs[k]["near_chance"] for k in bases):
+            continue
+        cacc = {e: mean(runs[k]["cacc"] for k in keys) for e, keys in by_encoder.items()}
+        # rounded: 0.745 - 0.73 is a hair above 0.015 in floating point
+        drop = round(max(mean(bases[k]["cacc"] for k in keys) - cacc[e] for e, keys in by_encoder.items()), 9)
+        if strict and drop > CACC_FLOOR:
+            continue
+        asr = mean(mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values())
+        scored.append((0.0 if strict else drop, (asr, -mean(cacc.values()), setting, runs)))
+    return [entry for _, entry in sorted(scored, key=lambda t: (t[0], *t[1][:2]))]
 
 
 def _best_trial(tuning: list[dict]) -> tuple[dict | None, list[dict]]:
-    """The defended setting (recipe, λ_amp, λ_attn) with the lowest validation ASR, averaged over the encoders of
-    ``tuning`` whose undefended run is above chance, among the settings that every such encoder ran within 1.5
-    points of its undefended CACC and above chance. Returns the setting's POR run (``None`` when no setting
-    qualifies) and the defended runs."""
-    bases = {c["encoder"]: c for c in tuning if not c["defended"] and not c["near_chance"]}
+    """The best setting of [`_ranked`] over every run of ``tuning``; when none qualifies there, over its LoRA runs,
+    then over its LoRA runs of seed 0 (the stages of the validation split, last first). Returns the setting's first
+    run on POR (``None`` when no setting qualifies) and the defended runs."""
     trials = [c for c in tuning if c["defended"]]
-    settings: dict[tuple, dict[str, dict]] = {}
-    for c in trials:
-        settings.setdefault((c.get("variant", "reference"), c["lambda_amp"], c["lambda_attn"]), {})[c["encoder"]] = c
-    scored = []
-    for runs in settings.values():
-        if bases and all(e in runs and _within_floor(runs[e], b) for e, b in bases.items()):
-            asr = statistics.mean(runs[e]["asr"] for e in bases)
-            cacc = statistics.mean(runs[e]["cacc"] for e in bases)
-            scored.append((asr, -cacc, runs.get("por") or next(iter(runs.values()))))
-    if not scored:
+    lora = [c for c in tuning if c["peft"] == "lora"]
+    ranked = _ranked(tuning) or _ranked(lora) or _ranked([c for c in lora if c.get("seed", 0) == 0])
+    if not ranked:
         return None, trials
-    return min(scored, key=lambda t: t[:2])[2], trials
+    runs = ranked[0][3]
+    return next((c for k, c in runs.items() if k[0] == "por"), next(iter(runs.values()))), trials
 
 
 def pick_lambdas(tuning: list[dict]) -> tuple[float, float]:
@@ -461,16 +506,36 @@ def pick_prefix_variant(tuning: list[dict], lambdas: tuple[float, float]) -> str
     return best["variant"] if best is not None else "reference"
 
 
-def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple[str, tuple[float, float]]:
-    """The LoRA / adapter recipe: [`_best_trial`] over every LoRA validation run (the reference grid and each of
-    `LORA_VARIANTS`' grids); the reference at ``lambdas`` unless a variant wins."""
-    lora = [c for c in tuning if c["peft"] == "lora"]
-    if not any(c["defended"] and c.get("variant", "reference") != "reference" for c in lora):
-        return "reference", tuple(lambdas)
+def lora_adapter_choice(tuning: list[dict]) -> tuple[tuple | None, str]:
+    """The LoRA / adapter setting (recipe, λ_amp, λ_attn) of the validation runs and the rule that chose it:
+    [`_best_trial`]'s over every LoRA and adapter run; when adapters ran and no setting keeps the floor on every
+    (attack, PEFT) pair, the one that misses it least among the settings that keep it on LoRA (a setting that holds
+    on LoRA and costs adapters some accuracy beats one that collapses them); else LoRA's alone."""
+    runs = [c for c in tuning if c["peft"] in ("lora", "adapter")]
+    lora = [c for c in runs if c["peft"] == "lora"]
+    adapters = any(c["peft"] == "adapter" for c in runs)
+    if ranked := _ranked(runs):
+        return ranked[0][2], "kept the CACC floor on every attack and PEFT pair" if adapters else "LoRA"
+    if adapters:
+        on_lora = {entry[2] for entry in _ranked(lora)}
+        if relaxed := [entry for entry in _ranked(runs, strict=False) if entry[2] in on_lora]:
+            return relaxed[0][2], ("no setting kept the CACC floor on adapters too: the one that kept it on LoRA "
+                                   "and missed it least on adapters")  # fmt: skip
     best, _ = _best_trial(lora)
-    if best is None or best.get("variant", "reference") == "reference":
+    return (_setting(best), "LoRA alone") if best is not None else (None, "none qualified")
+
+
+def pick_lora_variant(tuning: list[dict], lambdas: tuple[float, float]) -> tuple[str, tuple[float, float]]:
+    """The LoRA / adapter recipe of [`lora_adapter_choice`] over every LoRA and adapter validation run (the reference
+    grid and each of `LORA_VARIANTS`' grids on LoRA, the finalists on adapters); the reference at ``lambdas`` unless
+    a variant wins."""
+    if not any(c["defended"] and c["peft"] == "lora" and c.get("variant", "reference") != "reference"
+               for c in tuning):  # fmt: skip
         return "reference", tuple(lambdas)
-    return best["variant"], (best["lambda_amp"], best["lambda_attn"])
+    setting, _ = lora_adapter_choice(tuning)
+    if setting is None or setting[0] == "reference":
+        return "reference", tuple(lambdas)
+    return setting[0], (setting[1], setting[2])
 
 
 def choose_lora_variant(
@@ -485,6 +550,48 @@ def choose_lora_variant(
     runs += [c for c in _confirm(journal, paths, sizes, por_base + runs) if c["defended"]]
     variant, chosen = pick_lora_variant(tuning + runs, lambdas)
     return variant, chosen, runs
+
+
+def confirm_finalists(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
+    """The validation split's further seeds (``sizes.val_seeds[1:]``) for the finalists of seed 0: the
+    ``sizes.finalists`` best LoRA settings of [`_ranked`] and the best reference setting (the coefficients of the
+    reference recipe are chosen among reference settings), on every validation encoder, with their undefended runs.
+    One seed's 200 validation sentences put about 3 points of noise on CACC and more on ASR: seed 0 alone chose the
+    attention term on top of `scan-consistency` by NeuBA ASR 0.105 against 0.210, and the test rows then showed it
+    costing clean accuracy."""
+    lora = [c for c in tuning if c["peft"] == "lora" and c.get("seed", 0) == 0]
+    ranked = [setting for *_, setting, _ in _ranked(lora)]
+    finalists = ranked[: sizes.finalists]
+    if not any(s[0] == "reference" for s in finalists):
+        finalists += [s for s in ranked if s[0] == "reference"][:1]
+    specs = []
+    for seed in sizes.val_seeds[1:]:
+        for encoder in (e for e in VALIDATION_ENCODERS if e in paths):
+            common = dict(encoder=encoder, encoder_path=paths[encoder], peft="lora", seed=seed, sizes=sizes,
+                          split="validation")  # fmt: skip
+            specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
+            specs += [dict(defended=True, lambdas=(amp, attn), variant=variant, **common)
+                      for variant, amp, attn in finalists]  # fmt: skip
+    return journal.run_many(specs) if finalists else []
+
+
+def confirm_on_adapters(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
+    """The LoRA recipe also serves bottleneck adapters: the ``sizes.adapter_finalists`` best LoRA settings of
+    [`_ranked`] (over every validation seed) run as adapter fine-tunes on every validation encoder and seed, with
+    their undefended runs, and [`pick_lora_variant`] then asks a setting to keep the floor there too. (On the test
+    rows the attention term on top of `scan-consistency`, chosen on LoRA alone, collapsed NeuBA + adapter to
+    chance.)"""
+    lora = [c for c in tuning if c["peft"] == "lora"]
+    finalists = [setting for *_, setting, _ in _ranked(lora)][: sizes.adapter_finalists]
+    specs = []
+    for seed in sizes.val_seeds:
+        for encoder in (e for e in VALIDATION_ENCODERS if e in paths):
+            common = dict(encoder=encoder, encoder_path=paths[encoder], peft="adapter", seed=seed, sizes=sizes,
+                          split="validation")  # fmt: skip
+            specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
+            specs += [dict(defended=True, lambdas=(amp, attn), variant=variant, **common)
+                      for variant, amp, attn in finalists]  # fmt: skip
+    return journal.run_many(specs) if finalists else []
 
 
 def choose_prefix_variant(
@@ -602,7 +709,7 @@ def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
 def write(
     out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float, *,
     prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None,
-    cells: list[dict] | None = None,
+    cells: list[dict] | None = None, made: int | None = None,
 ) -> None:  # fmt: skip
     lora_lambdas = tuple(lora_lambdas or lambdas)
 
@@ -636,6 +743,7 @@ def write(
         "prefix_variant": prefix_variant,
         "lora_variant": lora_variant,
         "lora_variant_lambdas": list(lora_lambdas),
+        "lora_variant_rule": lora_adapter_choice(tuning)[1] if tuning else "given (--lambdas)",
         "max_cacc_drop_points_defaults": round(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
@@ -677,8 +785,8 @@ def write(
         f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
         f"max length {sizes.max_length}; test: {sizes.eval_n} sentences, one clean and one triggered copy per "
         f"trigger; seeds {list(sizes.seeds)}; attacks planted with {sizes.plant_steps} steps. Wall time "
-        f"{wall / 60:.1f} min. Defense coefficients chosen on the validation split: λ_amp = {lambdas[0]:g}, "
-        f"λ_attn = {lambdas[1]:g}.",
+        f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients chosen on the validation split: "
+        f"λ_amp = {lambdas[0]:g}, λ_attn = {lambdas[1]:g}.",
         "",
         "ASR column: LMSanitator ASR (POR, NeuBA, clean control, task-specific, adaptive); BadPre: accuracy drop on "
         "triggered inputs; UOR: targeted ASR (each trigger's target = majority prediction on validation data).",
@@ -724,17 +832,25 @@ def write(
         )
         + ".",
         "",
-        "## Validation split (seed 0): coefficients on LoRA, the LoRA variant, then the prefix-tuning recipe",
+        "## Validation split: coefficients on LoRA, the LoRA / adapter variant, then the prefix-tuning recipe",
         "",
-        "Every setting runs on POR; those within 1.5 points of the undefended CACC there also run on NeuBA, and a "
-        "setting is chosen by its mean ASR over both (it must stay within the floor on each).",
+        "Every setting runs on POR + LoRA with seed 0; those within 1.5 points of the undefended CACC there also run "
+        f"on NeuBA. The {sizes.finalists} best settings of seed 0 (by mean ASR over both attacks, within the floor on "
+        f"each) and the best reference setting then run on seeds {list(sizes.val_seeds[1:])} too, and the "
+        f"{sizes.adapter_finalists} best over the seeds also as bottleneck adapters (every seed, both attacks), since "
+        "the LoRA recipe serves adapters too. The setting with the lowest ASR averaged over the seeds, then over the "
+        "attack and PEFT pairs wins: its CACC averaged over the seeds must stay within the floor for each pair, with "
+        "no run at chance (an undefended run at chance shows no backdoor and is left out with its pair's seed). "
+        "When adapters ran and no setting keeps the floor on every pair, the setting that keeps it on LoRA and misses "
+        f"it least on adapters wins. This run: `{lora_variant}` at λ_amp = {lora_lambdas[0]:g}, λ_attn = "
+        f"{lora_lambdas[1]:g} ({summary['lora_variant_rule']}).",
         "",
-        "| encoder | PEFT | recipe | λ_amp | λ_attn | val CACC | val ASR |",
-        "|---|---|---|---|---|---|---|",
+        "| encoder | PEFT | seed | recipe | λ_amp | λ_attn | val CACC | val ASR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {c['encoder']} | {c['peft']} | {c.get('variant', 'reference') if c['defended'] else 'undefended'} | "
-        f"{c['lambda_amp']:g} | "
+        f"| {c['encoder']} | {c['peft']} | {c.get('seed', 0)} | "
+        f"{c.get('variant', 'reference') if c['defended'] else 'undefended'} | {c['lambda_amp']:g} | "
         f"{c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f}{' ⚠ near chance' if c['near_chance'] else ''} |"
         for c in tuning
     ]
@@ -743,6 +859,13 @@ def write(
     extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
              {(name, tuple(lam)) for name, lam in TEST_RECIPES} and not is_default(r)]  # fmt: skip
     _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
+
+
+def _resumed(made: int | None, cells: list[dict] | None) -> str:
+    """What a resumed run's wall time covers (``made``: the fine-tunes this process ran; ``None``: all of them)."""
+    if made is None or cells is None:
+        return ""
+    return f" for the {made} fine-tunes this run made (the other {len(cells) - made} came from its journal, --resume)"
 
 
 def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
@@ -908,7 +1031,17 @@ def main() -> None:
             journal, validation_paths, sizes, lambdas, tuning
         )
         tuning += lora_tuning
-        print(f"LoRA / adapter recipe: {lora_variant} at λ={lora_lambdas}", flush=True)
+        print(f"LoRA / adapter recipe on seed 0: {lora_variant} at λ={lora_lambdas}", flush=True)
+        if len(sizes.val_seeds) > 1:
+            tuning += confirm_finalists(journal, validation_paths, sizes, tuning)
+            lambdas = pick_lambdas(tuning)
+            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            print(f"over validation seeds {list(sizes.val_seeds)}: λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}; "
+                  f"LoRA / adapter recipe {lora_variant} at λ={lora_lambdas}", flush=True)  # fmt: skip
+        if "adapter" in sizes.pefts:
+            tuning += confirm_on_adapters(journal, validation_paths, sizes, tuning)
+            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            print(f"over LoRA and adapters: recipe {lora_variant} at λ={lora_lambdas}", flush=True)
     prefix_variant = "reference"
     if "prefix" in sizes.pefts and not args.lambdas:
         prefix_variant, prefix_tuning = choose_prefix_variant(journal, encoder_path("por"), sizes, lambdas)
@@ -944,11 +1077,13 @@ def main() -> None:
     # first-seed rows for everything it reached
     journal.run_many(specs)
     journal.close()
+    made = journal.made if args.resume else None
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
     rows = summarise(list(journal.cells.values()))
     write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start, prefix_variant=prefix_variant,
-          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=list(journal.cells.values()))  # fmt: skip
+          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=list(journal.cells.values()),
+          made=made)  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 
 

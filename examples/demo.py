@@ -35,11 +35,11 @@ def main() -> None:
 
     import torch
 
-    from hf_obliviate import ObliviateConfig
     from hf_obliviate.artifacts import save_artifact
     from hf_obliviate.attacks import get_attack_config, load_attack_info, plant_backdoor
     from hf_obliviate.attacks._common import attack_cache_dir
     from hf_obliviate.bundled import minilm_path
+    from hf_obliviate.config import CLASSIFIER_DEFAULTS
     from hf_obliviate.data import SENTIMENT_LABELS, load_movie_reviews
     from hf_obliviate.evaluation import build_eval_set, evaluate_backdoor
     from hf_obliviate.models import load_classifier, wrap_peft
@@ -56,7 +56,6 @@ def main() -> None:
 
     train = load_movie_reviews("train", n=args.train, seed=0)
     eval_set = build_eval_set(load_movie_reviews("test"), triggers=triggers, n=args.test, seed=0)
-    defaults = ObliviateConfig()
     results, saved = {}, {}
     for step, defended in ((2, False), (3, True)):
         name = "Obliviate" if defended else "undefended"
@@ -69,9 +68,7 @@ def main() -> None:
         model = wrap_peft(model, "lora")
         training = ObliviateTrainingArguments(
             output_dir=f"demo-out/{role}",
-            obliviate=defended,
-            lambda_amp=defaults.lambda_amp if defended else 0.0,
-            lambda_attn=defaults.lambda_attn if defended else 0.0,
+            obliviate=defended,  # defended: the library defaults (hf_obliviate.config.CLASSIFIER_DEFAULTS)
             learning_rate=5e-4,
             num_train_epochs=args.epochs,
             per_device_train_batch_size=16,
@@ -89,7 +86,7 @@ def main() -> None:
         # The Space probes these two models (a --quick run saves under other names, never over the real ones).
         info = {
             "attack": "por", "encoder": str(encoder), "triggers": list(triggers), "defended": defended,
-            "lambda_amp": training.lambda_amp, "lambda_attn": training.lambda_attn,
+            **({"defense": {k: getattr(training, k) for k in CLASSIFIER_DEFAULTS}} if defended else {}),
             "cacc": results[name].cacc, "asr": results[name].asr,
         }  # fmt: skip
         artifact = f"demo{'-quick' if args.quick else ''}-{role}"

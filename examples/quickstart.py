@@ -15,10 +15,11 @@ model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=["q
 train = Dataset.from_list(load_movie_reviews("train", n=320))
 train = train.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=64), batched=True)
 
+# The defense's defaults (hf_obliviate.config.CLASSIFIER_DEFAULTS, chosen on the defense benchmark's validation
+# split) first scan the vocabulary for tokens that move the [CLS] output (about a minute here), then train with a
+# copy of each batch that has one inserted (lambda_consistency=0, lambda_amp=3e-4, lambda_attn=3e-3: METHOD.md's).
 args = ObliviateTrainingArguments(
     output_dir="obliviate-quickstart",
-    lambda_amp=3e-4,  # amplify the LoRA weights
-    lambda_attn=3e-3,  # shrink the CLS row's pre-softmax attention logits
     learning_rate=5e-4,
     max_steps=20,
     per_device_train_batch_size=16,
@@ -26,7 +27,11 @@ args = ObliviateTrainingArguments(
     report_to="none",
 )
 trainer = ObliviateTrainer(
-    model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer)
+    model=model,
+    args=args,
+    train_dataset=train,
+    data_collator=DataCollatorWithPadding(tokenizer),
+    processing_class=tokenizer,  # the scan and the inserted copies need the tokenizer
 )
 trainer.train()
 print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("loss")})

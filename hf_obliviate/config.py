@@ -10,14 +10,32 @@ from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 CONSISTENCY_TOKENS = ("rare", "scan")
 CONSISTENCY_TARGETS = ("logits", "hidden")
 
-__all__ = ["DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "ObliviateConfig"]
+__all__ = ["CLASSIFIER_DEFAULTS", "DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "SCAN_CONSISTENCY", "ObliviateConfig"]
 
-# Defaults chosen on the validation split of the attack benchmark (benchmarks/defense.py: POR and NeuBA planted in
-# the bundled MiniLM-L6, LoRA): the paper's RoBERTa-base coefficients (3e-3, 3e-2) collapse MiniLM to one class
-# (METHOD.md §6); λ_attn = 3e-3 keeps clean accuracy, and the amplification term did not lower the ASR averaged over
-# both attacks there (POR 0.367 -> 0.336 with λ_amp = 3e-4, NeuBA 0.500 -> 0.690), so it is off by default.
-DEFAULT_LAMBDA_AMP = 0.0
+# METHOD.md's coefficients as chosen on the validation split of the attack benchmark (benchmarks/defense.py: POR and
+# NeuBA planted in the bundled MiniLM-L6, LoRA; `chosen_lambdas` of benchmarks/results/defense.json, checked by
+# tests/test_defense_benchmark.py): the paper's RoBERTa-base coefficients (3e-3, 3e-2) collapse MiniLM to one class
+# (METHOD.md §6); λ_attn = 3e-3 keeps clean accuracy. λ_amp = 3e-4 won over 0 by 0.01 of mean validation ASR (NeuBA
+# at 1.000 either way); with random batches it had lost, so the term barely matters at this scale.
+DEFAULT_LAMBDA_AMP = 3e-4
 DEFAULT_LAMBDA_ATTN = 3e-3
+
+# The `scan-consistency` recipe (a named variant of benchmarks/defense.py): the consistency copy inserts one of the 32
+# tokens that a vocabulary scan of the model (before training) finds moving its summary output most, and its final
+# summary hidden state is pulled to the clean one. No trigger is given to it. Weight 0.03: on the benchmark's
+# validation split 0.01 left NeuBA at ASR 0.80, and 0.1 with the attention term collapsed NeuBA to chance.
+SCAN_CONSISTENCY = {
+    "lambda_consistency": 0.03,
+    "consistency_insertions": 1,
+    "consistency_tokens": "scan",
+    "consistency_target": "hidden",
+}
+# `ObliviateTrainer`'s (`ObliviateTrainingArguments`') defaults, for sequence classification: the LoRA / adapter
+# recipe the validation split of benchmarks/defense.py chose (`lora_variant` and `lora_variant_lambdas` of
+# benchmarks/results/defense.json; tests/test_defense_benchmark.py checks that they agree). `ObliviateConfig` itself
+# and `ObliviateSFTConfig` keep METHOD.md's terms at the coefficients above: the consistency term compares
+# sequence-classification outputs, and it was not validated for causal LMs.
+CLASSIFIER_DEFAULTS = {**SCAN_CONSISTENCY, "lambda_amp": 0.0, "lambda_attn": 0.0}
 
 
 @dataclass
@@ -30,12 +48,13 @@ class ObliviateConfig:
     Args:
         obliviate (`bool`, *optional*, defaults to `True`):
             Turn the defense on. With `False` training is plain PEFT training.
-        lambda_amp (`float`, *optional*, defaults to 0.0):
+        lambda_amp (`float`, *optional*, defaults to 3e-4):
             Weight of the amplification term ``−Σ‖θ‖₂`` over the PEFT tensors. The paper uses 3e-3 on
-            RoBERTa-base; that collapses the small MiniLM-L6 (METHOD.md §6), and on our validation split (POR and
-            NeuBA, MiniLM-L6 + LoRA) 3e-4 did not help, so the term is off by default: set e.g. 3e-4 to use it.
+            RoBERTa-base; that collapses the small MiniLM-L6 (METHOD.md §6); 3e-4 is the validation split's choice
+            (MiniLM-L6 + LoRA, POR and NeuBA). ``ObliviateTrainingArguments`` defaults to 0 (`CLASSIFIER_DEFAULTS`).
         lambda_attn (`float`, *optional*, defaults to 3e-3):
             Weight of the pre-softmax attention-logit penalty on the summary query rows (paper: 3e-2).
+            ``ObliviateTrainingArguments`` defaults to 0 (`CLASSIFIER_DEFAULTS`).
         amp_norm_cap (`float`, *optional*):
             Stop pushing a PEFT tensor once its norm exceeds this cap (bounds the amplification term).
         attn_query (`str`, *optional*, defaults to `"auto"`):
@@ -58,7 +77,7 @@ class ObliviateConfig:
             example (encoders, sequence classification), the reference norm for SFT completion rows. `True` with
             completion rows raises. On the validation split of `benchmarks/defense.py` it helped POR and not
             NeuBA, so it is not the default.
-        lambda_consistency (`float`, *optional*, defaults to 0.0):
+        lambda_consistency (`float`, *optional*, defaults to 0.0; ``ObliviateTrainingArguments``: 0.03):
             Weight of the trigger-agnostic consistency term (the named variant `consistency`, see
             :mod:`hf_obliviate.consistency`): ``KL(p(x) ‖ p(x'))`` between the model's prediction on a batch and on a
             copy with random short rare words inserted, the clean side detached. One extra forward and backward pass
@@ -93,8 +112,8 @@ class ObliviateConfig:
     lambda_amp: float = field(
         default=DEFAULT_LAMBDA_AMP,
         metadata={
-            "help": "Weight of the amplification term -sum ||theta||_2 over the PEFT tensors (paper: 3e-3; off by "
-            "default: it did not help on the MiniLM validation split)."
+            "help": "Weight of the amplification term -sum ||theta||_2 over the PEFT tensors (paper: 3e-3; 3e-4: "
+            "chosen on the MiniLM validation split)."
         },
     )
     lambda_attn: float = field(

@@ -247,6 +247,13 @@ def scan_trigger_tokens(
     candidates = sorted(i for token, i in vocab.items() if i not in special and is_word_start(token))
     if not candidates:
         raise ValueError("The tokenizer has no word-initial tokens to scan.")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows_in_model = getattr(embeddings, "num_embeddings", None)
+    if rows_in_model is not None and max(candidates) >= rows_in_model:
+        raise ValueError(
+            f"The tokenizer has ids up to {max(candidates)} but the model's input embeddings have {rows_in_model} "
+            "rows: pass the tokenizer the model was trained with (or resize the model's token embeddings)."
+        )
     try:
         device = next(model.parameters()).device
     except StopIteration:

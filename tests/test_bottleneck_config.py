@@ -11,6 +11,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from hf_obliviate import ObliviateConfig, ObliviateTrainingArguments
 from hf_obliviate.bottleneck import BottleneckAdapterModel, BottleneckConfig, get_bottleneck_model
+from hf_obliviate.config import CLASSIFIER_DEFAULTS
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "llama"])
@@ -72,7 +73,7 @@ def test_bottleneck_errors(tmp_path):
     [
         ({"lambda_amp": -1e-3}, "lambda_amp must be a finite number >= 0"),
         ({"lambda_attn": float("nan")}, "lambda_attn"),
-        ({"lambda_amp": 0, "lambda_attn": 0}, "obliviate=False"),
+        ({"lambda_amp": 0, "lambda_attn": 0, "lambda_consistency": 0}, "obliviate=False"),
         ({"attn_query": "middle"}, "Unknown attn_query"),
         ({"amp_norm_cap": 0.0}, "amp_norm_cap"),
         ({"peft_dropout": 1.0}, "peft_dropout"),
@@ -89,7 +90,7 @@ def test_plain_training_allowed_and_arguments_are_training_arguments():
     assert ObliviateConfig(obliviate=False, lambda_amp=0, lambda_attn=0).obliviate is False
     args = ObliviateTrainingArguments(output_dir="unused", report_to="none", lambda_attn=1e-2, learning_rate=1e-3)
     assert isinstance(args, TrainingArguments) and args.learning_rate == 1e-3
-    assert args.obliviate_config() == ObliviateConfig(lambda_attn=1e-2)
+    assert args.obliviate_config() == ObliviateConfig(**{**CLASSIFIER_DEFAULTS, "lambda_attn": 1e-2})
     with pytest.raises(ValueError, match="delta_compression"):
         ObliviateTrainingArguments(output_dir="unused", report_to="none", delta_compression="zip")
 

@@ -57,6 +57,8 @@ def test_train_eval_and_attack_end_to_end(tmp_path, monkeypatch, capsys):
             "--per_device_train_batch_size", "8", "--lambda_attn", "1e-2"]  # fmt: skip
     assert main(argv) == 0
     assert (out / "adapter_model.safetensors").is_file() and (out / "obliviate_run.json").is_file()
+    # the defaults' consistency term scanned the vocabulary first and said what it found
+    assert "Trigger scan, most suspicious first: " in capsys.readouterr().out
     assert main(argv) == 0  # cached by settings hash
     assert "nothing to do" in capsys.readouterr().out
     report = tmp_path / "eval.json"

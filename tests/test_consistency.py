@@ -302,3 +302,44 @@ def test_trainer_scans_for_the_pool_and_trains_on_the_hidden_target(tmp_path):
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["loss_consistency"] > 0 and set(entry) >= {"loss_task", "loss_consistency"}
+
+
+def test_trainer_defaults_are_the_recipe_the_benchmark_chose_and_say_what_they_need(tmp_path):
+    """With no defense field given, ObliviateTrainer runs `CLASSIFIER_DEFAULTS` (the scan-consistency term on the
+    scanned tokens plus the attention term); it refuses, before training, a model that is not a sequence classifier
+    and a run without the tokenizer, each naming the fix. ObliviateConfig and the SFT config keep METHOD.md's terms."""
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import tiny_causal_lm
+
+    from hf_obliviate.config import CLASSIFIER_DEFAULTS
+
+    common = dict(report_to="none", use_cpu=True, max_steps=2, per_device_train_batch_size=8, logging_steps=1,
+                  save_strategy="no", disable_tqdm=True, seed=0)  # fmt: skip
+    args = ObliviateTrainingArguments(output_dir=str(tmp_path / "out"), **common)
+    assert args.obliviate_config() == ObliviateConfig(**CLASSIFIER_DEFAULTS)
+    assert ObliviateConfig().lambda_consistency == 0 and CLASSIFIER_DEFAULTS["lambda_consistency"] > 0
+    with pytest.raises(ValueError, match="all 0"):  # the consistency term off and nothing in its place
+        ObliviateTrainingArguments(output_dir=str(tmp_path / "none"), lambda_consistency=0, **common)
+    tokenizer = _tiny_tokenizer()
+    trainer = ObliviateTrainer(
+        model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), processing_class=tokenizer
+    )
+    assert trainer.obliviate_scan_tokens[0] == tokenizer.convert_ids_to_tokens(TRIGGER)  # the scan ran
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["loss_consistency"] > 0 and "loss_attn" not in entry and "loss_amp" not in entry
+    with pytest.raises(ValueError, match="processing_class=tokenizer"):
+        ObliviateTrainer(model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0))
+    from transformers import AutoTokenizer
+
+    from hf_obliviate.bundled import minilm_path
+
+    with pytest.raises(ValueError, match="ids up to .* input embeddings have 100 rows"):  # another model's tokenizer
+        ObliviateTrainer(model=_planted(), args=args, train_dataset=_dataset(),
+                         processing_class=AutoTokenizer.from_pretrained(minilm_path()))  # fmt: skip
+    lm = get_peft_model(tiny_causal_lm(VOCAB), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="needs a sequence classifier.*lambda_consistency=0"):
+        ObliviateTrainer(model=lm, args=args, train_dataset=_dataset(), processing_class=tokenizer)
+    plain = ObliviateTrainingArguments(output_dir=str(tmp_path / "lm"), lambda_consistency=0, lambda_attn=3e-3,
+                                       **common)  # fmt: skip
+    ObliviateTrainer(model=lm, args=plain, train_dataset=_dataset(), processing_class=tokenizer)  # METHOD.md's terms

@@ -249,6 +249,133 @@ def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     )  # fmt: skip
 
 
+def _setting_cell(encoder, seed, cacc, asr, variant="reference", lambdas=(3e-4, 3e-3), defended=True):
+    cell = _cell("lora", defended, cacc, asr, "validation", variant=variant, seed=seed, encoder=encoder)
+    return {**cell, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1]} if defended else cell
+
+
+def test_validation_finalists_run_on_a_second_seed_and_the_mean_over_seeds_decides():
+    """Seed 0 ranks every setting; its finalists (the best few, plus the best reference setting) run on the other
+    validation seeds with their undefended runs, and the setting with the lowest ASR averaged over seeds and both
+    attacks wins, its seed-averaged CACC within the floor on each attack. A setting that ran on seed 0 only cannot
+    win once another seed has run; when no setting qualifies over every seed, seed 0 decides."""
+    defense = _defense_module()
+    scan, both = ("scan-consistency", (0.0, 0.0)), ("scan-consistency", (0.0, 3e-3))
+    seed0 = [
+        _setting_cell("por", 0, 0.710, 0.915, defended=False), _setting_cell("neuba", 0, 0.590, 1.0, defended=False),
+        _setting_cell("por", 0, 0.705, 0.092, *both), _setting_cell("neuba", 0, 0.620, 0.105, *both),
+        _setting_cell("por", 0, 0.725, 0.083, *scan), _setting_cell("neuba", 0, 0.595, 0.210, *scan),
+        _setting_cell("por", 0, 0.720, 0.181), _setting_cell("neuba", 0, 0.620, 1.0),
+        _setting_cell("por", 0, 0.725, 0.193, lambdas=(0.0, 3e-3)),
+        _setting_cell("neuba", 0, 0.650, 1.0, lambdas=(0.0, 3e-3)),
+        _setting_cell("por", 0, 0.525, 0.029, lambdas=(0.0, 3e-2)),  # outside the floor on POR: never a finalist
+    ]  # fmt: skip
+    assert defense.pick_lora_variant(seed0, defense.pick_lambdas(seed0)) == both
+
+    class Recorder:
+        def __init__(self):
+            self.specs = []
+
+        def run_many(self, specs):
+            self.specs += specs
+            return []
+
+    journal, sizes = Recorder(), defense.Sizes()
+    assert sizes.val_seeds == (0, 1) and sizes.finalists == 3
+    defense.confirm_finalists(journal, {"por": Path("p"), "neuba": Path("n")}, sizes, seed0)
+    ran = {(s["encoder"], s["seed"], s["defended"], s.get("variant", "reference"), *s["lambdas"])
+           for s in journal.specs}  # fmt: skip
+    assert ran == {
+        (encoder, 1, *run) for encoder in ("por", "neuba") for run in [
+            (False, "reference", 0.0, 0.0), (True, *both[0:1], *both[1]), (True, *scan[0:1], *scan[1]),
+            (True, "reference", 3e-4, 3e-3),  # third by mean ASR (0.59 against 0.60 for λ_amp 0)
+        ]
+    }  # fmt: skip
+    journal.specs.clear()
+    defense.confirm_finalists(journal, {"por": Path("p"), "neuba": Path("n")}, defense.Sizes(finalists=1), seed0)
+    assert {(s.get("variant", "reference"), *s["lambdas"]) for s in journal.specs if s["defended"]} == {
+        (both[0], *both[1]), ("reference", 3e-4, 3e-3),  # the best reference setting always runs
+    }  # fmt: skip
+    seed1 = [
+        _setting_cell("por", 1, 0.700, 0.930, defended=False), _setting_cell("neuba", 1, 0.600, 1.0, defended=False),
+        _setting_cell("por", 1, 0.660, 0.050, *both), _setting_cell("neuba", 1, 0.600, 0.080, *both),  # CACC -4
+        _setting_cell("por", 1, 0.700, 0.120, *scan), _setting_cell("neuba", 1, 0.610, 0.150, *scan),
+        _setting_cell("por", 1, 0.700, 0.300), _setting_cell("neuba", 1, 0.600, 0.950),
+    ]  # fmt: skip
+    tuning = seed0 + seed1
+    # both attacks' POR CACC averaged over the seeds: 0.6825 against 0.705 undefended, outside the floor
+    assert defense.pick_lora_variant(tuning, defense.pick_lambdas(tuning)) == scan
+    assert defense.pick_lambdas(tuning) == (3e-4, 3e-3)  # (0, 3e-3) ran on seed 0 only
+    ranked = defense._ranked([c for c in tuning if c["defended"] is False or c["variant"] == "scan-consistency"])
+    assert ranked[0][2] == (scan[0], *scan[1]) and ranked[0][0] == pytest.approx(
+        ((0.083 + 0.120) / 2 + (0.210 + 0.150) / 2) / 2
+    )
+    # no finalist keeps the floor over both seeds: seed 0's choice stands
+    bad = [c if not c["defended"] else {**c, "cacc": 0.5} for c in seed1]
+    assert defense.pick_lora_variant(seed0 + bad, defense.pick_lambdas(seed0 + bad)) == both
+    # NeuBA at chance undefended on seed 1: that seed counts on POR only
+    chance = [{**c, "near_chance": True} if c["encoder"] == "neuba" and not c["defended"] else c for c in seed1]
+    assert defense.pick_lora_variant(seed0 + chance, defense.pick_lambdas(seed0 + chance)) == scan
+
+
+def test_the_lora_recipe_must_also_keep_the_floor_on_adapters():
+    """The LoRA / adapter recipe serves both PEFT types: the best LoRA settings over the seeds also run as adapter
+    fine-tunes (every validation seed and encoder, with undefended runs), and a setting that collapses an adapter
+    loses to one that keeps the floor on every (attack, PEFT) pair. Without adapter runs LoRA decides alone."""
+    defense = _defense_module()
+    scan, both = ("scan-consistency", (0.0, 0.0)), ("scan-consistency", (0.0, 3e-3))
+
+    def cells(peft, seed, base, runs):
+        out = []
+        for encoder, (cacc, asr) in base.items():
+            out.append({**_setting_cell(encoder, seed, cacc, asr, defended=False), "peft": peft})
+        for (variant, lam), by_encoder in runs.items():
+            out += [{**_setting_cell(e, seed, c, a, variant, lam), "peft": peft} for e, (c, a) in by_encoder.items()]
+        return out
+
+    base = {"por": (0.71, 0.92), "neuba": (0.60, 1.0)}
+    lora = [cell for seed in (0, 1) for cell in cells("lora", seed, base, {
+        both: {"por": (0.71, 0.09), "neuba": (0.61, 0.10)},
+        scan: {"por": (0.72, 0.12), "neuba": (0.60, 0.20)},
+        ("reference", (3e-4, 3e-3)): {"por": (0.72, 0.18), "neuba": (0.62, 1.0)},
+    })]  # fmt: skip
+    lambdas = defense.pick_lambdas(lora)
+    assert defense.pick_lora_variant(lora, lambdas) == both
+
+    class Recorder:
+        specs: list = []
+
+        def run_many(self, specs):
+            self.specs += specs
+            return []
+
+    journal = Recorder()
+    defense.confirm_on_adapters(journal, {"por": Path("p"), "neuba": Path("n")}, defense.Sizes(), lora)
+    assert {(s["peft"], s["encoder"], s["seed"], s["defended"], s.get("variant", "reference"), *s["lambdas"])
+            for s in journal.specs} == {
+        ("adapter", e, seed, *run) for e in ("por", "neuba") for seed in (0, 1)
+        for run in [(False, "reference", 0.0, 0.0), (True, both[0], *both[1]), (True, scan[0], *scan[1])]
+    }  # fmt: skip
+    adapter = [cell for seed in (0, 1) for cell in cells("adapter", seed, {"por": (0.70, 1.0), "neuba": (0.65, 1.0)}, {
+        both: {"por": (0.67, 0.14), "neuba": (0.51, 0.03)},  # NeuBA + adapter collapses: CACC -14 points
+        scan: {"por": (0.69, 0.10), "neuba": (0.64, 0.07)},
+    })]  # fmt: skip
+    assert defense.pick_lora_variant(lora + adapter, lambdas) == scan
+    assert defense.pick_lambdas(lora + adapter) == lambdas  # the reference coefficients stay LoRA's
+    assert defense.lora_adapter_choice(lora + adapter)[1].startswith("kept the CACC floor on every")
+    # no setting keeps the floor on adapters: the one that kept it on LoRA and misses it least there
+    costly = [{**c, "cacc": c["cacc"] - 0.05} if c["defended"] and c["variant"] == "scan-consistency" and
+              c["lambda_attn"] == 0 and c["encoder"] == "neuba" else c for c in adapter]  # fmt: skip
+    costly = [{**c, "near_chance": True} if c["defended"] and c["lambda_attn"] > 0 and c["seed"] == 1 and
+              c["encoder"] == "neuba" else c for c in costly]  # fmt: skip
+    setting, rule = defense.lora_adapter_choice(lora + costly)
+    assert setting == (scan[0], *scan[1]) and "missed it least on adapters" in rule
+    # an adapter stage where every setting collapses an adapter leaves the LoRA choice
+    broken = [c if not c["defended"] else {**c, "cacc": 0.5, "near_chance": True} for c in adapter]
+    assert defense.pick_lora_variant(lora + broken, lambdas) == both
+    assert defense.lora_adapter_choice(lora + broken)[1] == "LoRA alone"
+
+
 def test_length_bucketed_batches_have_similar_lengths_in_random_order():
     """Training batches of similar lengths (less padding), the batches in a seeded random order, every example
     once."""
@@ -288,3 +415,22 @@ def test_a_journal_of_another_sampler_is_not_resumed(tmp_path):
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(random sampling)" in (tmp_path / "defense.md").read_text()
+
+
+def test_classifier_defaults_are_the_recipe_the_committed_benchmark_chose():
+    """`ObliviateTrainingArguments`' defense defaults (`CLASSIFIER_DEFAULTS`) are the LoRA / adapter recipe that the
+    committed `benchmarks/results/defense.json` chose on its validation split, at its coefficients."""
+    from hf_obliviate import ObliviateConfig, ObliviateTrainingArguments
+
+    defense = _defense_module()
+    summary = json.loads((ROOT / "benchmarks" / "results" / "defense.json").read_text())["summary"]
+    amp, attn = summary["lora_variant_lambdas"]
+    chosen = {**defense.RECIPE_BASE, **defense.VARIANTS[summary["lora_variant"]], "lambda_amp": amp,
+              "lambda_attn": attn}  # fmt: skip
+    args = ObliviateTrainingArguments(output_dir="unused", report_to="none")
+    assert args.obliviate_config() == ObliviateConfig(**chosen)
+    # ObliviateConfig (the core, the SFT trainer): METHOD.md's terms at the coefficients chosen for the reference
+    reference = summary["chosen_lambdas"]
+    assert ObliviateConfig().lambda_consistency == 0
+    assert (ObliviateConfig().lambda_amp, ObliviateConfig().lambda_attn) == (reference["lambda_amp"],
+                                                                             reference["lambda_attn"])  # fmt: skip

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.config import CLASSIFIER_DEFAULTS, ObliviateConfig
 from hf_obliviate.delta.format import LORA_MODES, check_scale_factor
 
 __all__ = ["DeltaPushArguments", "ObliviateTrainingArguments"]
@@ -96,12 +96,31 @@ class DeltaPushArguments:
             parent()
 
 
+def _classifier_default(name: str):
+    """``ObliviateConfig``'s field ``name`` with its `CLASSIFIER_DEFAULTS` value as the default (same help)."""
+    value = CLASSIFIER_DEFAULTS[name]
+    base = ObliviateConfig.__dataclass_fields__[name]
+    return field(
+        default=value,
+        metadata={
+            **base.metadata,
+            "help": f"{base.metadata['help']} ObliviateTrainer "
+            f"default: {value!r} (chosen on the defense benchmark's validation split).",
+        },
+    )
+
+
 @dataclass
 class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the defense fields of :class:`hf_obliviate.ObliviateConfig`
-    (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``amp_norm_cap``, ``attn_query``, ``attn_virtual_keys``,
-    ``attn_centre``, ``peft_dropout``) and the
+    (``obliviate``, ``lambda_amp``, ``lambda_attn``, ``lambda_consistency``, ``consistency_tokens``, ...) and the
     push fields of :class:`DeltaPushArguments` (``delta_compression``, ...).
+
+    The defense defaults are those of :data:`hf_obliviate.config.CLASSIFIER_DEFAULTS`, the recipe the validation
+    split of ``benchmarks/defense.py`` chose for sequence classifiers (LoRA and bottleneck adapters): the
+    `scan-consistency` term alone (a vocabulary scan before training, about a minute for MiniLM-L6 on 2 CPU cores,
+    which needs ``processing_class=tokenizer``), METHOD.md's two terms off. METHOD.md's recipe is
+    ``lambda_consistency=0, lambda_amp=3e-4, lambda_attn=3e-3`` (:class:`hf_obliviate.ObliviateConfig`'s defaults).
 
     Example:
     ```python
@@ -111,3 +130,10 @@ class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingAr
     0.003
     ```
     """
+
+    lambda_amp: float = _classifier_default("lambda_amp")
+    lambda_attn: float = _classifier_default("lambda_attn")
+    lambda_consistency: float = _classifier_default("lambda_consistency")
+    consistency_insertions: int = _classifier_default("consistency_insertions")
+    consistency_tokens: str = _classifier_default("consistency_tokens")
+    consistency_target: str = _classifier_default("consistency_target")

@@ -208,13 +208,29 @@ class ObliviateTrainerMixin:
             self._obliviate_metrics.clear()
 
 
+def _check_classifier(model: nn.Module) -> None:
+    """The consistency term compares sequence-classification outputs: refuse other models before any training."""
+    if not any(type(m).__name__.endswith("ForSequenceClassification") for m in model.modules()):
+        raise ValueError(
+            f"lambda_consistency > 0 (ObliviateTrainingArguments' default, with the vocabulary scan) needs a sequence "
+            f"classifier (an ...ForSequenceClassification model), got {type(model).__name__}. Set "
+            "lambda_consistency=0 with METHOD.md's terms instead (e.g. lambda_amp=3e-4, lambda_attn=3e-3), or use "
+            "ObliviateSFTTrainer to fine-tune a causal LM."
+        )
+
+
 class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
     """A drop-in ``transformers.Trainer`` for PEFT models that adds the Obliviate defense (METHOD.md §1).
 
-    ``loss = L_task + λ_amp · L_amp + λ_attn · L_attn``: ``L_amp`` amplifies the PEFT tensors, ``L_attn`` shrinks
-    the pre-softmax attention logits of the summary query row, captured beside the model's own attention kernel
-    (SDPA stays SDPA). The extra terms are scaled like the task loss under gradient accumulation and logged as
-    ``loss_task``, ``loss_amp`` and ``loss_attn``. Evaluation and prediction are unchanged.
+    ``loss = L_task + λ_amp · L_amp + λ_attn · L_attn + λ_consistency · L_consistency``: ``L_amp`` amplifies the PEFT
+    tensors, ``L_attn`` shrinks the pre-softmax attention logits of the summary query row, captured beside the
+    model's own attention kernel (SDPA stays SDPA), and ``L_consistency`` pulls the model's summary state on a copy of
+    the batch with a suspicious token inserted to its state on the batch (:mod:`hf_obliviate.consistency`). The
+    defaults of :class:`hf_obliviate.ObliviateTrainingArguments` are the recipe the defense benchmark chose on its
+    validation split (`CLASSIFIER_DEFAULTS`): the consistency term alone, with the tokens of a vocabulary scan run
+    before training (pass ``processing_class=tokenizer``). The extra terms are scaled like the task
+    loss under gradient accumulation and logged as ``loss_task``, ``loss_amp``, ``loss_attn`` and
+    ``loss_consistency``. Evaluation and prediction are unchanged.
 
     Args:
         model (`torch.nn.Module`):
@@ -243,7 +259,7 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
     >>> data = Dataset.from_dict({"input_ids": [[101, 7, 8, 102]] * 8, "attention_mask": [[1, 1, 1, 1]] * 8,
     ...                           "labels": [0, 1] * 4})
     >>> args = ObliviateTrainingArguments(output_dir="out", max_steps=2, per_device_train_batch_size=4,
-    ...                                   report_to="none", lambda_amp=3e-4, lambda_attn=3e-3)
+    ...                                   report_to="none", lambda_amp=3e-4, lambda_attn=3e-3, lambda_consistency=0)
     >>> trainer = ObliviateTrainer(model=model, args=args, train_dataset=data)
     >>> _ = trainer.train()
     ```
@@ -260,6 +276,8 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
         if args is None:
             args = ObliviateTrainingArguments(output_dir="trainer_output")
         super().__init__(model=model, args=args, **kwargs)
+        if isinstance(self.args, ObliviateConfig) and self.args.obliviate and self.args.lambda_consistency > 0:
+            _check_classifier(self.model)
         self._setup_obliviate(consistency_pool)
         self._loss_kwargs_checked = False
 
