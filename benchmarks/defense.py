@@ -4,9 +4,11 @@
    (cached by config hash, so reruns skip this), plus an adaptive POR that plants under the attention penalty.
 2. Choose the defense coefficients and the LoRA / adapter recipe on a validation split carved from the training
    sentences (never the test sentences): small grids on POR + LoRA; the settings whose validation CACC stays within
-   1.5 points of the undefended run also run on NeuBA + LoRA; the best few of them run again on a second seed, and
-   the setting with the lowest validation ASR averaged over the seeds and both attacks wins (its CACC must keep the
-   floor on each attack).
+   1.5 points of the undefended run also run on NeuBA + LoRA; the best few of them run again on a second seed, the
+   best two over both seeds also as bottleneck adapters, and the setting with the lowest validation ASR averaged over
+   the seeds, attacks and PEFT types wins (its CACC must keep the floor on each attack and PEFT type; when none does
+   on adapters, the one that keeps it on LoRA and misses it least on adapters). `ObliviateTrainingArguments`'
+   defaults (`hf_obliviate.config.CLASSIFIER_DEFAULTS`) are the recipe this chooses.
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
    fine-tune on Rotten Tomatoes sentences undefended and defended (the reference recipe, the recipe chosen on the
    validation split, and for LoRA / adapters the `scan-consistency` variant of `TEST_RECIPES`), and measure CACC and
@@ -66,19 +68,21 @@ VARIANT_GRIDS = {
 FULL_RUN_VARIANTS = ("scan-consistency",)
 # LoRA / adapter recipes run on every test row whatever the validation split chooses, so the table shows them next to
 # the default: scan-consistency without the attention term. With random batches it cut both attacks' validation ASR
-# by 90% or more but cost POR 2 points of validation CACC, outside the floor; with bucketed batches it keeps the floor
-# and ranks second to itself plus the attention term (mean validation ASR 0.15 against 0.10).
+# by 90% or more but cost POR 2 points of validation CACC, outside the floor; with bucketed batches, two validation
+# seeds and the adapter stage it is the validation choice itself (itself plus the attention term ranks first on LoRA,
+# mean ASR 0.12 against 0.16, but collapses NeuBA + adapter in seed 1).
 TEST_RECIPES = (("scan-consistency", (0.0, 0.0)),)
 
 
 @dataclass
 class Sizes:
     """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached), then 18 validation and 116 test fine-tunes of 100 steps, each evaluated on 200
-    sentences × (1 + one per trigger) copies. Measured end to end on 2 idle cores with the encoders planted and cached
-    (``--jobs 2``, the default there: two one-thread fine-tunes side by side): 80.1 minutes (2026-11-24), the scans of
-    the two newly planted encoders included; a plain cell took about 50 s, a `scan-consistency` one about 87 s. With
-    random batches (``--sampling random``) the same two cells took 75 s and 168 s.
+    hour there (once; cached), then 38 validation and 92 test fine-tunes of 100 steps, each evaluated on 200
+    sentences × (1 + one per trigger) copies. Measured end to end on 2 idle cores with the encoders planted and their
+    trigger scans cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side): 69.7 minutes
+    (2026-11-24; every cell equal to the journal's from before); a plain cell takes about 50 s, a `scan-consistency`
+    one about 87 s, and a cold scan about a minute per encoder. With random batches (``--sampling random``) the same
+    two cells took 75 s and 168 s.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
     stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
     (other fine-tunes need their own journal)."""
@@ -552,11 +556,25 @@ def choose_lora_variant(
     return variant, chosen, runs
 
 
+def _validation_specs(paths: dict[str, Path], sizes: Sizes, peft: str, seeds, settings: list[tuple]) -> list[dict]:
+    """``run_cell`` arguments of the validation split: per seed and validation encoder, the undefended run and each
+    setting (recipe, λ_amp, λ_attn) of ``settings`` (nothing when there is none)."""
+    specs = []
+    for seed in seeds if settings else ():
+        for encoder in (e for e in VALIDATION_ENCODERS if e in paths):
+            common = dict(encoder=encoder, encoder_path=paths[encoder], peft=peft, seed=seed, sizes=sizes,
+                          split="validation")  # fmt: skip
+            specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
+            specs += [dict(defended=True, lambdas=(amp, attn), variant=variant, **common)
+                      for variant, amp, attn in settings]  # fmt: skip
+    return specs
+
+
 def confirm_finalists(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
     """The validation split's further seeds (``sizes.val_seeds[1:]``) for the finalists of seed 0: the
     ``sizes.finalists`` best LoRA settings of [`_ranked`] and the best reference setting (the coefficients of the
     reference recipe are chosen among reference settings), on every validation encoder, with their undefended runs.
-    One seed's 200 validation sentences put about 3 points of noise on CACC and more on ASR: seed 0 alone chose the
+    One seed's 200 validation sentences put about 3.4 points of noise on CACC and more on ASR: seed 0 alone chose the
     attention term on top of `scan-consistency` by NeuBA ASR 0.105 against 0.210, and the test rows then showed it
     costing clean accuracy."""
     lora = [c for c in tuning if c["peft"] == "lora" and c.get("seed", 0) == 0]
@@ -564,15 +582,7 @@ def confirm_finalists(journal: Journal, paths: dict[str, Path], sizes: Sizes, tu
     finalists = ranked[: sizes.finalists]
     if not any(s[0] == "reference" for s in finalists):
         finalists += [s for s in ranked if s[0] == "reference"][:1]
-    specs = []
-    for seed in sizes.val_seeds[1:]:
-        for encoder in (e for e in VALIDATION_ENCODERS if e in paths):
-            common = dict(encoder=encoder, encoder_path=paths[encoder], peft="lora", seed=seed, sizes=sizes,
-                          split="validation")  # fmt: skip
-            specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
-            specs += [dict(defended=True, lambdas=(amp, attn), variant=variant, **common)
-                      for variant, amp, attn in finalists]  # fmt: skip
-    return journal.run_many(specs) if finalists else []
+    return journal.run_many(_validation_specs(paths, sizes, "lora", sizes.val_seeds[1:], finalists))
 
 
 def confirm_on_adapters(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
@@ -583,15 +593,7 @@ def confirm_on_adapters(journal: Journal, paths: dict[str, Path], sizes: Sizes, 
     chance.)"""
     lora = [c for c in tuning if c["peft"] == "lora"]
     finalists = [setting for *_, setting, _ in _ranked(lora)][: sizes.adapter_finalists]
-    specs = []
-    for seed in sizes.val_seeds:
-        for encoder in (e for e in VALIDATION_ENCODERS if e in paths):
-            common = dict(encoder=encoder, encoder_path=paths[encoder], peft="adapter", seed=seed, sizes=sizes,
-                          split="validation")  # fmt: skip
-            specs.append(dict(defended=False, lambdas=(0.0, 0.0), **common))
-            specs += [dict(defended=True, lambdas=(amp, attn), variant=variant, **common)
-                      for variant, amp, attn in finalists]  # fmt: skip
-    return journal.run_many(specs) if finalists else []
+    return journal.run_many(_validation_specs(paths, sizes, "adapter", sizes.val_seeds, finalists))
 
 
 def choose_prefix_variant(

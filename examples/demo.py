@@ -8,9 +8,10 @@
    each back (base verified) and evaluate it: the 1-bit merge brings the base's backdoor back (README, "Compression
    can undo the defense").
 
-On 2 idle CPU cores: about 25 minutes the first time (planting ~13), about 13 afterwards (measured 12.7 with the two
-pushes, pulls and evaluations of step 4; 42 and 66 minutes on a machine shared with other jobs). ``--quick`` shrinks
-everything to check the plumbing (4 minutes, loaded).
+On 2 idle CPU cores with the earlier defaults (no consistency term): about 25 minutes the first time (planting ~13),
+about 13 afterwards (measured 12.7 with the two pushes, pulls and evaluations of step 4). The current defaults add a
+vocabulary scan (about a minute) and a forward and backward pass of the inserted copy per defended step: 34.8
+minutes measured on 2 cores shared with ``make test``. ``--quick`` shrinks everything to check the plumbing.
 """
 
 from __future__ import annotations

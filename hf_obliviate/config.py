@@ -78,10 +78,12 @@ class ObliviateConfig:
             completion rows raises. On the validation split of `benchmarks/defense.py` it helped POR and not
             NeuBA, so it is not the default.
         lambda_consistency (`float`, *optional*, defaults to 0.0; ``ObliviateTrainingArguments``: 0.03):
-            Weight of the trigger-agnostic consistency term (the named variant `consistency`, see
-            :mod:`hf_obliviate.consistency`): ``KL(p(x) ‖ p(x'))`` between the model's prediction on a batch and on a
-            copy with random short rare words inserted, the clean side detached. One extra forward and backward pass
-            per step. Sequence classification only (``ObliviateTrainer``); 0 switches it off.
+            Weight of the trigger-agnostic consistency term (see :mod:`hf_obliviate.consistency`): the model's output
+            on a batch against its output on a copy with words inserted (``consistency_tokens``), the clean side
+            detached: ``KL(p(x) ‖ p(x'))`` or the summary hidden states' mean squared difference
+            (``consistency_target``). One extra forward and backward pass per step. Sequence classification only
+            (``ObliviateTrainer``); 0 switches it off. ``ObliviateTrainingArguments`` defaults to the named variant
+            `scan-consistency` (`SCAN_CONSISTENCY`), the recipe the defense benchmark's validation split chose.
         consistency_insertions (`int`, *optional*, defaults to 1):
             Most rare words inserted per row of the consistency copy (1 to this many, uniformly).
         consistency_tokens (`str`, *optional*, defaults to `"rare"`):
@@ -153,8 +155,8 @@ class ObliviateConfig:
     lambda_consistency: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of the trigger-agnostic consistency term: KL between predictions on a batch and on a copy "
-            "with random rare words inserted (0: off; sequence classification only)."
+            "help": "Weight of the trigger-agnostic consistency term: the model's output on a batch against a copy "
+            "with words inserted (see consistency_tokens, consistency_target; 0: off; sequence classification only)."
         },
     )
     consistency_insertions: int = field(
