@@ -433,8 +433,14 @@ def choose_lambdas(journal: Journal, paths: dict[str, Path], sizes: Sizes) -> tu
     return pick_lambdas(tuning), tuning
 
 
+def _cacc_drop(cacc: float, base: float) -> float:
+    """How far ``cacc`` falls below the undefended ``base``, rounded: 0.745 - 0.73 is a hair above 0.015 in floating
+    point, and a drop of exactly the floor keeps it."""
+    return round(base - cacc, 9)
+
+
 def _within_floor(cell: dict, base: dict) -> bool:
-    return cell["cacc"] >= base["cacc"] - CACC_FLOOR and not cell["near_chance"]
+    return _cacc_drop(cell["cacc"], base["cacc"]) <= CACC_FLOOR and not cell["near_chance"]
 
 
 def _setting(cell: dict) -> tuple:
@@ -468,8 +474,7 @@ def _ranked(tuning: list[dict], strict: bool = True) -> list[tuple[float, float,
         if not bases or any(k not in runs or runs[k]["near_chance"] for k in bases):
             continue
         cacc = {e: mean(runs[k]["cacc"] for k in keys) for e, keys in by_encoder.items()}
-        # rounded: 0.745 - 0.73 is a hair above 0.015 in floating point
-        drop = round(max(mean(bases[k]["cacc"] for k in keys) - cacc[e] for e, keys in by_encoder.items()), 9)
+        drop = max(_cacc_drop(cacc[e], mean(bases[k]["cacc"] for k in keys)) for e, keys in by_encoder.items())
         if strict and drop > CACC_FLOOR:
             continue
         asr = mean(mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values())

@@ -52,8 +52,10 @@ class ObliviateTrainerMixin:
         self.obliviate_defense: ObliviateDefense | None = None
         self.obliviate_scan_tokens: list[str] | None = None  # what the trigger scan found (consistency_tokens="scan")
         if self.obliviate_config.obliviate:
-            if self.obliviate_config.lambda_consistency > 0 and consistency_pool is None:
-                consistency_pool = self._consistency_pool()
+            if self.obliviate_config.lambda_consistency > 0:
+                _check_classifier(self.model)  # before the scan (the SFT config refuses the term itself)
+                if consistency_pool is None:
+                    consistency_pool = self._consistency_pool()
             self.obliviate_defense = ObliviateDefense(self.model, self.obliviate_config, token_pool=consistency_pool)
         unwrapped = self.model
         for tagged in (unwrapped, getattr(unwrapped, "base_model", None)):
@@ -276,8 +278,6 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
         if args is None:
             args = ObliviateTrainingArguments(output_dir="trainer_output")
         super().__init__(model=model, args=args, **kwargs)
-        if isinstance(self.args, ObliviateConfig) and self.args.obliviate and self.args.lambda_consistency > 0:
-            _check_classifier(self.model)
         self._setup_obliviate(consistency_pool)
         self._loss_kwargs_checked = False
 
