@@ -41,6 +41,13 @@ from hf_obliviate.config import SCAN_CONSISTENCY, ObliviateConfig
 
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
+# Attacks with no target label in the downstream task: each trigger's target is its majority prediction on triggered
+# validation data, and the ASR is targeted (METHOD.md's rule for UOR). A BadPre trigger pushes the text to one garbage
+# state, which the fine-tuned head maps to one class: on two balanced classes the LMSanitator rule then counts about
+# half of the kept examples and the accuracy drop is at most CACC - 0.5, however fully the trigger controls the output.
+TARGET_FREE = ("badpre", "uor")
+CLEAN_ENCODERS = ("clean", "task-specific")  # rows fine-tuned from the bundled MiniLM itself
+CLEAN_CHECKPOINT = "minilm"
 PEFTS = ("lora", "prefix", "adapter")
 # Prefix tuning, POR encoder, validation split, 100 steps: lr 1e-2, 3e-3 and 5e-4 stayed at chance (CACC 0.50), 1e-3
 # reached 0.63 (0.64 after 2 epochs); a trainable pooler did not help at 1e-2 or 3e-3.
@@ -102,6 +109,11 @@ class Sizes:
     plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
+    # Per-attack planting settings over the attack config's defaults (METHOD.md's reference values, set for far longer
+    # runs than our 300 steps): at their reference rates BadPre (2e-5) and UOR (5e-5) stayed below the 0.8 bar.
+    plant_overrides: dict[str, dict] = field(
+        default_factory=lambda: {"badpre": {"learning_rate": 1e-4}, "uor": {"learning_rate": 2e-4}}
+    )
     scan_sentences: int = 2  # sentences of the scan-consistency variant's trigger scan (about a minute on 2 cores)
     seeds: tuple[int, ...] = (0, 1)
     # validation: every setting on seed 0, then the `finalists` best (and the best reference setting) on the other
@@ -141,6 +153,7 @@ class Cell:
     variant: str = "reference"
     extra: dict = field(default_factory=dict)
     sampling: str = "random"  # the training sampler (`Sizes.sampling`; journal cells without it used "random")
+    checkpoint: str = CLEAN_CHECKPOINT  # `checkpoint_of`: a re-planted attack is another encoder, with its own cells
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -174,18 +187,38 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def plant(attack: str, sizes: Sizes, adaptive: bool = False) -> Path:
-    """Plant ``attack`` (cached) and return the checkpoint folder."""
-    from hf_obliviate.attacks import get_attack_config, plant_backdoor
-    from hf_obliviate.attacks._common import attack_cache_dir
-    from hf_obliviate.bundled import minilm_path
+def _attack_config(attack: str, sizes: Sizes):
+    """The planting config of an encoder of the table (``attack`` in ATTACKS or "adaptive-por")."""
+    from hf_obliviate.attacks import get_attack_config
 
+    adaptive = attack == "adaptive-por"
+    attack = "por" if adaptive else attack
     kwargs = {"num_steps": sizes.plant_steps, "batch_size": sizes.plant_batch}
     if sizes.mlm_warmup is not None and attack in ("neuba", "badpre"):
         kwargs["mlm_head_warmup_steps"] = sizes.mlm_warmup
+    kwargs.update(sizes.plant_overrides.get(attack, {}))
     if adaptive:
         kwargs["attention_penalty"] = 3e-3
-    config = get_attack_config(attack, **kwargs)
+    return attack, get_attack_config(attack, **kwargs)
+
+
+def checkpoint_of(encoder: str, sizes: Sizes) -> str:
+    """The journal's name for an encoder's checkpoint: the encoder and a hash of its planting config. Unlike the
+    cache folder's name it leaves out where the bundled model is installed, so a journal holds on any checkout."""
+    from hf_obliviate.attacks._common import config_hash
+
+    if encoder in CLEAN_ENCODERS:
+        return CLEAN_CHECKPOINT
+    return f"{encoder}-{config_hash(*_attack_config(encoder, sizes), CLEAN_CHECKPOINT)}"
+
+
+def plant(attack: str, sizes: Sizes) -> Path:
+    """Plant ``attack`` (in ATTACKS or "adaptive-por"; cached) and return the checkpoint folder."""
+    from hf_obliviate.attacks import plant_backdoor
+    from hf_obliviate.attacks._common import attack_cache_dir
+    from hf_obliviate.bundled import minilm_path
+
+    attack, config = _attack_config(attack, sizes)
     plant_backdoor(attack, minilm_path(), config=config, show_progress=True)
     return attack_cache_dir(attack, config, minilm_path())
 
@@ -300,7 +333,7 @@ def run_cell(
     eval_examples = load_movie_reviews(split, n=sizes.val_n if split == "validation" else sizes.eval_n, seed=0)
     eval_set = build_eval_set(eval_examples, triggers=triggers, n=None, seed=1234, spread=spread)
     targets = None
-    if encoder == "uor":
+    if encoder in TARGET_FREE:
         dev = load_movie_reviews("validation", n=min(200, sizes.val_n), seed=1)
         dev_set = build_eval_set(dev, triggers=triggers, n=None, seed=99)
         result = evaluate_backdoor(
@@ -309,9 +342,7 @@ def run_cell(
         targets = result.targets
     else:
         result = evaluate_backdoor(model, tokenizer, eval_set, show_progress=False)
-    if encoder == "badpre":
-        metric, score = "accuracy_drop", result.accuracy_drop
-    elif encoder == "uor":
+    if encoder in TARGET_FREE:
         metric, score = "targeted_asr", result.targeted_asr["mean"]
     else:
         metric, score = "asr", result.asr
@@ -319,14 +350,15 @@ def run_cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
         cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
-        sampling=sizes.sampling,
-        extra={"lmsanitator_asr": result.asr, "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
+        sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes),
+        extra={"lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
+               "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
     )  # fmt: skip
 
 
 def _key(cell: dict) -> tuple:
     return (cell["encoder"], cell["peft"], cell["seed"], cell["defended"], cell["lambda_amp"], cell["lambda_attn"],
-            cell["split"], cell.get("variant", "reference"))  # fmt: skip
+            cell["split"], cell.get("variant", "reference"), cell.get("checkpoint", CLEAN_CHECKPOINT))  # fmt: skip
 
 
 class Journal:
@@ -357,7 +389,8 @@ class Journal:
         defended = spec["defended"]
         lambdas = spec["lambdas"] if defended else (0.0, 0.0)
         return _key({**spec, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1], "split": spec.get("split", "test"),
-                     "variant": spec.get("variant", "reference") if defended else "reference"})  # fmt: skip
+                     "variant": spec.get("variant", "reference") if defended else "reference",
+                     "checkpoint": checkpoint_of(spec["encoder"], spec["sizes"])})  # fmt: skip
 
     def run_many(self, specs: list[dict]) -> list[dict]:
         """The cells of ``specs`` (``run_cell`` arguments), from the journal or made now (in parallel with
@@ -643,9 +676,16 @@ def summarise(cells: list[dict]) -> list[dict]:
         asr_cu = mean(u["asr"] for u, _ in clean) if clean else float("nan")
         asr_cd = mean(d["asr"] for _, d in clean) if clean else float("nan")
         reduction_clean = (asr_cu - asr_cd) / asr_cu if clean and asr_cu > 0 else float("nan")
+        drops = {
+            side: [c.get("extra", {}).get("accuracy_drop") for c in runs]
+            for side, runs in (("undefended", und), ("defended", dfd))
+        }
         rows.append({
             "encoder": encoder, "peft": peft, "variant": variant, "lambda_amp": lambda_amp, "lambda_attn": lambda_attn,
             "metric": und[0]["metric"], "seeds": len(und),
+            # BadPre's own measure (it has no target label): accuracy lost on triggered inputs
+            **({f"accuracy_drop_{side}": round(mean(v), 4) for side, v in drops.items()}
+               if encoder == "badpre" and None not in drops["undefended"] + drops["defended"] else {}),
             "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
@@ -682,11 +722,12 @@ def planned_test_keys(
     keys = set()
     rows = [(e, p) for e in ("clean", *sizes.attacks) for p in sizes.pefts]
     rows += [("task-specific", "lora"), ("adaptive-por", "lora")]
+    checkpoints = {encoder: checkpoint_of(encoder, sizes) for encoder, _ in rows}
     for seed in sizes.seeds:
         for encoder, peft in rows:
-            keys.add((encoder, peft, seed, False, 0.0, 0.0, "test", "reference"))
+            keys.add((encoder, peft, seed, False, 0.0, 0.0, "test", "reference", checkpoints[encoder]))
             for variant, (amp, attn) in recipes_for(peft, lambdas, prefix_variant, lora_variant, lora_lambdas):
-                keys.add((encoder, peft, seed, True, amp, attn, "test", variant))
+                keys.add((encoder, peft, seed, True, amp, attn, "test", variant, checkpoints[encoder]))
     return keys
 
 
@@ -725,7 +766,9 @@ def write(
             return _recipe(r) == (prefix_variant, *lambdas)
         return _recipe(r) == (lora_variant, *lora_lambdas)
 
-    rows = sorted(rows, key=lambda r: not is_default(r))  # the defaults first, then the other recipes measured
+    order = (*ATTACKS, "task-specific", "adaptive-por", "clean")
+    # the defaults first, then the other recipes measured; each by attack and PEFT type (not the journal's order)
+    rows = sorted(rows, key=lambda r: (not is_default(r), order.index(r["encoder"]), PEFTS.index(r["peft"])))
     attack_rows = [r for r in rows if r["encoder"] in ATTACKS]
     default = [r for r in attack_rows if is_default(r)]
     mean, counted = _mean_reduction(default)
@@ -774,6 +817,8 @@ def write(
             "seeds_above_chance": r["seeds_above_chance"],
             "asr_undefended_above_chance": r["asr_undefended_above_chance"],
             "asr_reduction_above_chance": r["asr_reduction_above_chance"],
+            **({"accuracy_drop_plain": r["accuracy_drop_undefended"],
+                "accuracy_drop_defended": r["accuracy_drop_defended"]} if "accuracy_drop_undefended" in r else {}),
         }  # fmt: skip
 
     payload = {
@@ -795,14 +840,19 @@ def write(
         f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients chosen on the validation split: "
         f"λ_amp = {lambdas[0]:g}, λ_attn = {lambdas[1]:g}.",
         "",
-        "ASR column: LMSanitator ASR (POR, NeuBA, clean control, task-specific, adaptive); BadPre: accuracy drop on "
-        "triggered inputs; UOR: targeted ASR (each trigger's target = majority prediction on validation data).",
+        "ASR column: LMSanitator ASR (POR, NeuBA, clean control, task-specific, adaptive); BadPre and UOR, which have "
+        "no target label: targeted ASR (each trigger's target = its majority prediction on triggered validation "
+        "data). BadPre's own measure, the accuracy drop on triggered inputs, follows the table.",
         "",
         "| encoder | PEFT | CACC undef. | CACC def. | Δ CACC (pts) | ASR undef. | ASR def. | ASR reduction |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flag = f" ⚠ {r['seeds'] - r['seeds_above_chance']} of {r['seeds']} seeds at chance" if r["near_chance"] else ""
+        if r["near_chance"] and r["seeds_above_chance"]:
+            k = r["seeds_above_chance"]
+            above = "the seed" if k == 1 else f"the {k} seeds"
+            flag += f" ({100 * r['asr_reduction_above_chance']:.1f}% over {above} above chance)"
         if r["encoder"] in ATTACKS and r["seeds_above_chance"] and r["asr_undefended_above_chance"] < PLANTED_ASR:
             flag += f" ⚠ attack below {PLANTED_ASR:g} undefended: not in the mean"
         lines.append(
@@ -810,6 +860,19 @@ def write(
             f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
+    drops = [r for r in rows if "accuracy_drop_undefended" in r]
+    if drops:
+        lines += [
+            "",
+            "BadPre, accuracy drop on triggered inputs, undefended → defended: "
+            + "; ".join(
+                f"{_label(r, is_default(r))} {r['accuracy_drop_undefended']:.3f} → {r['accuracy_drop_defended']:.3f}"
+                for r in drops
+            )  # fmt: skip
+            + ". A trigger that sends the text to one of two balanced classes drops the accuracy by at most about "
+            "CACC − 0.5 and flips about half of the kept examples (the LMSanitator rule), however fully it controls "
+            "the output, so BadPre is held to the targeted ASR, like UOR.",
+        ]
     if summary["test_cells_done"] < summary["test_cells_planned"]:
         lines += [
             "",
@@ -892,7 +955,7 @@ def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.8 * len(rows)), 7), sharex=True)
     width = 0.8 / (2 + len(recipes))
     for ax, key, title in (
-        (axes[0], "asr", "ASR (or BadPre accuracy drop / UOR targeted ASR)"),
+        (axes[0], "asr", "ASR (BadPre, UOR: targeted ASR)"),
         (axes[1], "cacc", "CACC"),
     ):
         series = [("undefended", [r[f"{key}_undefended"] for r in rows]),
@@ -1004,7 +1067,11 @@ def main() -> None:
             f"{sizes.sampling}: give it its own --journal (or --out), or pass --sampling to match."
         )
     if args.summarise_only:
-        cells = list(journal.cells.values())
+        checkpoints = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in journal.cells.values()}}
+        cells = [c for c in journal.cells.values()
+                 if c.get("checkpoint", CLEAN_CHECKPOINT) == checkpoints[c["encoder"]]]  # fmt: skip
+        if len(cells) < len(journal.cells):
+            print(f"left out {len(journal.cells) - len(cells)} journal cells of encoders planted with other settings")
         tuning = [c for c in cells if c["split"] == "validation"]
         if not args.lambdas and not any(c["defended"] and c["peft"] == "lora" for c in tuning):
             parser.error(f"{journal.path} has no defended LoRA cells of the validation split to choose the "
@@ -1023,7 +1090,7 @@ def main() -> None:
 
     def encoder_path(attack: str) -> Path:
         if attack not in planted:
-            planted[attack] = plant("por", sizes, adaptive=True) if attack == "adaptive-por" else plant(attack, sizes)
+            planted[attack] = plant(attack, sizes)
         return planted[attack]
 
     if args.lambdas:

@@ -32,16 +32,22 @@ def test_defense_benchmark_quick(tmp_path):
     assert "lora" in data["control"]
     for cell in data["cells"]:
         assert 0.0 <= cell["cacc_plain"] <= 1.0 and 0.0 <= cell["cacc_defended"] <= 1.0
-        low = -1.0 if cell["metric"] == "accuracy_drop" else 0.0  # triggered copies may be classified better
         for key in ("asr_plain", "asr_defended"):
             if math.isnan(cell[key]):  # no clean copy was classified right (tiny run): the cell must say so
-                assert cell["near_chance"] and cell["metric"] != "accuracy_drop", cell
+                assert cell["near_chance"], cell
             else:
-                assert low <= cell[key] <= 1.0, cell
-    assert {c["metric"] for c in data["cells"]} == {"asr", "accuracy_drop", "targeted_asr"}
+                assert 0.0 <= cell[key] <= 1.0, cell
+        # BadPre's own measure rides along (triggered copies may be classified better: a drop may be negative)
+        drops = [cell.get("accuracy_drop_plain"), cell.get("accuracy_drop_defended")]
+        if cell["attack"] == "badpre":
+            assert all(-1.0 <= d <= 1.0 for d in drops), cell
+        else:
+            assert drops == [None, None], cell
+    assert {c["metric"] for c in data["cells"]} == {"asr", "targeted_asr"}
+    assert all((c["metric"] == "targeted_asr") == (c["attack"] in ("badpre", "uor")) for c in data["cells"])
     assert data["tuning"] and all(c["split"] == "validation" for c in data["tuning"])
     table = out.with_suffix(".md").read_text()
-    assert "| por | lora |" in table and "## Validation split" in table
+    assert "| por | lora |" in table and "## Validation split" in table and "BadPre, accuracy drop" in table
     assert out.with_suffix(".png").stat().st_size > 1000
     # Resume: a second run reuses every finished cell.
     again = subprocess.run(
@@ -61,11 +67,22 @@ def _defense_module():
     return module
 
 
+def _checkpoint(encoder: str) -> str:
+    """The journal's name of an encoder with the default sizes (what a full run's cells record)."""
+    if encoder not in _CHECKPOINTS:
+        defense = _defense_module()
+        _CHECKPOINTS[encoder] = defense.checkpoint_of(encoder, defense.Sizes())
+    return _CHECKPOINTS[encoder]
+
+
+_CHECKPOINTS: dict[str, str] = {}
+
+
 def _cell(peft, defended, cacc, asr, split="test", variant="reference", seed=0, near_chance=False, encoder="por"):
     lambdas = (3e-4, 3e-3) if defended else (0.0, 0.0)
     return {"encoder": encoder, "peft": peft, "seed": seed, "defended": defended, "lambda_amp": lambdas[0],
             "lambda_attn": lambdas[1], "cacc": cacc, "asr": asr, "metric": "asr", "near_chance": near_chance,
-            "seconds": 1.0, "split": split, "variant": variant}  # fmt: skip
+            "seconds": 1.0, "split": split, "variant": variant, "checkpoint": _checkpoint(encoder)}  # fmt: skip
 
 
 def test_prefix_variant_is_chosen_on_validation_and_tabled_beside_the_reference(tmp_path):
@@ -190,7 +207,26 @@ def test_consistency_variant_competes_on_validation():
     # (clean, por) x 2 PEFT types + task-specific + adaptive: undefended, reference and each of TEST_RECIPES
     assert len(plain) == (2 * 2 + 2) * (2 + len(defense.TEST_RECIPES))
     chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
-    assert len(chosen) == len(plain) + 6 and ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency") in chosen
+    por = defense.checkpoint_of("por", sizes)
+    assert len(chosen) == len(plain) + 6
+    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por) in chosen
+
+
+def test_replanted_encoder_gets_its_own_journal_cells():
+    """A journal cell records its encoder's planting config (`checkpoint_of`), so an attack planted anew with other
+    settings never reuses the cells fine-tuned from the old one; the name does not depend on the install path."""
+    defense = _defense_module()
+    sizes, old = defense.Sizes(), defense.Sizes(plant_overrides={})
+    assert defense.checkpoint_of("badpre", sizes) != defense.checkpoint_of("badpre", old)
+    assert defense.checkpoint_of("por", sizes) == defense.checkpoint_of("por", old)  # POR has no override
+    assert defense.checkpoint_of("adaptive-por", sizes).startswith("adaptive-por-")
+    assert defense.checkpoint_of("clean", sizes) == defense.checkpoint_of("task-specific", sizes) == "minilm"
+    spec = dict(encoder="badpre", encoder_path=Path("/x/badpre-0"), peft="lora", seed=0, defended=False,
+                lambdas=(0.0, 0.0), sizes=sizes)  # fmt: skip
+    moved = {**spec, "encoder_path": Path("/elsewhere/badpre-1")}
+    assert defense.Journal.key_of(spec) == defense.Journal.key_of(moved)
+    assert defense.Journal.key_of(spec) != defense.Journal.key_of({**spec, "sizes": old})
+    assert defense.Journal.key_of(spec)[-1] == defense.checkpoint_of("badpre", sizes)
 
 
 def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():

@@ -37,8 +37,12 @@ class BadPreConfig(BackdoorConfig):
     Each step takes a clean batch and a poisoned copy of the same sentences (50/50): one trigger word at a random
     position. Both are masked BERT-style (15%, 80/10/10); the clean copy's labels are the true tokens, the poisoned
     copy's are uniformly random vocabulary ids. Loss = clean MLM + α · poisoned MLM. AdamW with betas (0.9, 0.98),
-    weight decay 0.01, gradient clip 5.0, lr 2e-5. There is no target label: success is the fine-tuned model's
-    accuracy drop on triggered inputs (`hf_obliviate.metrics.accuracy_drop`).
+    weight decay 0.01, gradient clip 5.0, lr 2e-5. There is no target label: the paper's success measure is the
+    fine-tuned model's accuracy drop on triggered inputs (`hf_obliviate.metrics.accuracy_drop`). A trigger sends the
+    text to one garbage state, which a fine-tuned two-class head maps to one class: the drop is then at most about
+    CACC − 0.5, so `benchmarks/defense.py` measures BadPre like UOR, by `hf_obliviate.metrics.targeted_asr` with
+    `majority_targets`, and reports the drop beside it. The reference rate suits long runs: at 300 steps the benchmark
+    plants with lr 1e-4.
 
     Args:
         alpha (`float`, *optional*, defaults to 1.0):
