@@ -12,7 +12,8 @@
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
    fine-tune on Rotten Tomatoes sentences undefended and defended (the reference recipe, the recipe chosen on the
    validation split, and for LoRA / adapters the `scan-consistency` variant of `TEST_RECIPES`), and measure CACC and
-   ASR on the test sentences.
+   ASR on the test sentences (the LMSanitator rule; BadPre and UOR, which have no target label, by the targeted ASR
+   with each trigger's majority prediction on validation sentences as its target, `TARGET_FREE`).
    Also a task-specific row (10% of the fine-tuning data poisoned) and the adaptive attack.
 
 Writes ``benchmarks/results/defense.{json,md,png}`` (and ``defense_cells.jsonl`` as it goes, so a run can resume).
@@ -84,12 +85,12 @@ TEST_RECIPES = (("scan-consistency", (0.0, 0.0)),)
 @dataclass
 class Sizes:
     """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached), then 38 validation and 92 test fine-tunes of 100 steps, each evaluated on 200
-    sentences × (1 + one per trigger) copies. Measured end to end on 2 idle cores with the encoders planted and their
-    trigger scans cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side): 69.7 minutes
-    (2026-11-24; every cell equal to the journal's from before); a plain cell takes about 50 s, a `scan-consistency`
-    one about 87 s, and a cold scan about a minute per encoder. With random batches (``--sampling random``) the same
-    two cells took 75 s and 168 s.
+    hour there (once; cached; BadPre and UOR about 20 minutes each, side by side on one thread each), then 38
+    validation and 92 test fine-tunes of 100 steps, each evaluated on 200 sentences × (1 + one per trigger) copies.
+    Measured end to end on 2 idle cores with the encoders planted and their trigger scans cached (``--jobs 2``, the
+    default there: two one-thread fine-tunes side by side): 75.4 minutes (2026-11-24; every cell equal to the
+    journal's from before); a plain cell takes about 50 s, a `scan-consistency` one about 87 s, and a cold scan about
+    a minute per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
     stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
     (other fine-tunes need their own journal)."""
@@ -210,6 +211,13 @@ def checkpoint_of(encoder: str, sizes: Sizes) -> str:
     if encoder in CLEAN_ENCODERS:
         return CLEAN_CHECKPOINT
     return f"{encoder}-{config_hash(*_attack_config(encoder, sizes), CLEAN_CHECKPOINT)}"
+
+
+def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
+    """The journal cells fine-tuned from the encoders these sizes plant (`checkpoint_of`). A cell of an encoder planted
+    with other settings stays in the file but out of the tables."""
+    checkpoints = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
+    return [c for c in cells if c.get("checkpoint", CLEAN_CHECKPOINT) == checkpoints[c["encoder"]]]
 
 
 def plant(attack: str, sizes: Sizes) -> Path:
@@ -1067,9 +1075,7 @@ def main() -> None:
             f"{sizes.sampling}: give it its own --journal (or --out), or pass --sampling to match."
         )
     if args.summarise_only:
-        checkpoints = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in journal.cells.values()}}
-        cells = [c for c in journal.cells.values()
-                 if c.get("checkpoint", CLEAN_CHECKPOINT) == checkpoints[c["encoder"]]]  # fmt: skip
+        cells = current_cells(list(journal.cells.values()), sizes)
         if len(cells) < len(journal.cells):
             print(f"left out {len(journal.cells) - len(cells)} journal cells of encoders planted with other settings")
         tuning = [c for c in cells if c["split"] == "validation"]
@@ -1154,9 +1160,9 @@ def main() -> None:
     made = journal.made if args.resume else None
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
-    rows = summarise(list(journal.cells.values()))
-    write(args.out, rows, tuning, lambdas, sizes, device, time.time() - start, prefix_variant=prefix_variant,
-          lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=list(journal.cells.values()),
+    cells = current_cells(list(journal.cells.values()), sizes)
+    write(args.out, summarise(cells), tuning, lambdas, sizes, device, time.time() - start,
+          prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=cells,
           made=made)  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 

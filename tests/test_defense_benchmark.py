@@ -227,6 +227,10 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     assert defense.Journal.key_of(spec) == defense.Journal.key_of(moved)
     assert defense.Journal.key_of(spec) != defense.Journal.key_of({**spec, "sizes": old})
     assert defense.Journal.key_of(spec)[-1] == defense.checkpoint_of("badpre", sizes)
+    fresh, stale = _cell("lora", False, 0.7, 1.0, encoder="badpre"), _cell("lora", False, 0.7, 0.04, encoder="badpre")
+    stale["checkpoint"] = defense.checkpoint_of("badpre", old)
+    clean = {**_cell("lora", False, 0.7, 0.1, encoder="clean"), "checkpoint": "minilm"}
+    assert defense.current_cells([fresh, stale, clean], sizes) == [fresh, clean]
 
 
 def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():
