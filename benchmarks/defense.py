@@ -214,10 +214,12 @@ def checkpoint_of(encoder: str, sizes: Sizes) -> str:
 
 
 def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
-    """The journal cells fine-tuned from the encoders these sizes plant (`checkpoint_of`). A cell of an encoder planted
-    with other settings stays in the file but out of the tables."""
-    checkpoints = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
-    return [c for c in cells if c.get("checkpoint", CLEAN_CHECKPOINT) == checkpoints[c["encoder"]]]
+    """The journal cells to tabulate: of an encoder that has cells fine-tuned from the checkpoint these sizes plant
+    (`checkpoint_of`), only those (a cell of the encoder planted with other settings stays in the file but out of the
+    tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/)."""
+    current = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
+    planted_now = {c["encoder"] for c in cells if c.get("checkpoint") == current[c["encoder"]]}
+    return [c for c in cells if c["encoder"] not in planted_now or c.get("checkpoint") == current[c["encoder"]]]
 
 
 def plant(attack: str, sizes: Sizes) -> Path:

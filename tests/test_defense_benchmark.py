@@ -231,6 +231,7 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     stale["checkpoint"] = defense.checkpoint_of("badpre", old)
     clean = {**_cell("lora", False, 0.7, 0.1, encoder="clean"), "checkpoint": "minilm"}
     assert defense.current_cells([fresh, stale, clean], sizes) == [fresh, clean]
+    assert defense.current_cells([stale, clean], sizes) == [stale, clean]  # a journal of an earlier planting
 
 
 def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():
