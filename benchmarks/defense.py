@@ -206,7 +206,7 @@ def _attack_config(attack: str, sizes: Sizes):
 def checkpoint_of(encoder: str, sizes: Sizes) -> str:
     """The journal's name for an encoder's checkpoint: the encoder and a hash of its planting config. Unlike the
     cache folder's name it leaves out where the bundled model is installed, so a journal holds on any checkout."""
-    from hf_obliviate.attacks._common import config_hash
+    from hf_obliviate.attacks import config_hash
 
     if encoder in CLEAN_ENCODERS:
         return CLEAN_CHECKPOINT
@@ -350,11 +350,9 @@ def run_cell(
             model, tokenizer, eval_set, targets="majority", dev_set=dev_set, show_progress=False
         )
         targets = result.targets
-    else:
-        result = evaluate_backdoor(model, tokenizer, eval_set, show_progress=False)
-    if encoder in TARGET_FREE:
         metric, score = "targeted_asr", result.targeted_asr["mean"]
     else:
+        result = evaluate_backdoor(model, tokenizer, eval_set, show_progress=False)
         metric, score = "asr", result.asr
     return Cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
