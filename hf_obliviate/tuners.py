@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
-__all__ = ["UnsupportedTunerError", "describe_tuner", "tuner_parameters"]
+__all__ = ["UnsupportedTunerError", "check_prefix_tuning", "describe_tuner", "tuner_parameters"]
 
 
 class UnsupportedTunerError(ValueError):
@@ -83,6 +85,7 @@ def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                         add(f"{mod_name}.{layer_name}.{adapter}", container[adapter])
 
     if classes is not None and isinstance(model, classes[0]) and model.active_peft_config.is_prompt_learning:
+        check_prefix_tuning(model)
         adapter = model.active_adapter
         encoder = model.prompt_encoder[adapter]
         if isinstance(encoder, classes[3]) and getattr(encoder, "prefix_projection", False):
@@ -103,6 +106,43 @@ def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             "...) or `hf_obliviate.get_bottleneck_model(model, BottleneckConfig(...))`, or set `lambda_amp=0`."
         )
     return list(found.values())
+
+
+def _accepts_past_key_values(module: nn.Module) -> bool:
+    return "past_key_values" in inspect.signature(module.forward).parameters
+
+
+def check_prefix_tuning(model: nn.Module) -> None:
+    """Refuse, before any training, a prefix-tuned model whose forward cannot take peft's prefix keys.
+
+    peft injects the prefix through a ``past_key_values`` argument of the base model's forward (or its backbone's)
+    and raises a bare "Model does not support past key values" at the first forward pass otherwise. transformers
+    5.24 renamed that argument ``cache`` in BERT, RoBERTa, Llama and others, and peft 0.21.2 (the newest at the time
+    of writing) still looks for the old name, so prefix tuning fails there for any model.
+
+    Raises:
+        UnsupportedTunerError: for prefix tuning on such a model, naming the versions and what to do instead.
+    """
+    config = getattr(model, "active_peft_config", None)
+    peft_type = getattr(config, "peft_type", None)
+    if str(getattr(peft_type, "value", peft_type)) != "PREFIX_TUNING":
+        return
+    base = model.base_model
+    if _accepts_past_key_values(base):
+        return
+    backbone_name = getattr(model, "transformer_backbone_name", None)
+    backbone = base.get_submodule(backbone_name) if backbone_name else None
+    if backbone is not None and _accepts_past_key_values(backbone):
+        return
+    import peft
+    import transformers
+
+    raise UnsupportedTunerError(
+        f"Prefix tuning cannot run on {type(base).__name__} with transformers {transformers.__version__} and peft "
+        f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward no longer "
+        "takes (transformers 5.24 renamed it `cache`). Install `transformers<5.24` (hf-obliviate's own pin), a peft "
+        "release that supports the new name, or choose another tuner (LoRA, IA3, bottleneck adapters)."
+    )
 
 
 def describe_tuner(model: nn.Module) -> str:

@@ -9,7 +9,7 @@ from tiny_models import tiny_model, tiny_peft_model
 
 from hf_obliviate.defense import ObliviateDefense
 from hf_obliviate.losses import amplification_loss, attention_logit_loss
-from hf_obliviate.tuners import UnsupportedTunerError, describe_tuner, tuner_parameters
+from hf_obliviate.tuners import UnsupportedTunerError, check_prefix_tuning, describe_tuner, tuner_parameters
 
 
 def test_amplification_value_and_zero_gradient_at_zero():
@@ -122,6 +122,29 @@ def test_unsupported_model_gets_clear_error():
     lora.requires_grad_(False)
     with pytest.raises(UnsupportedTunerError, match="lambda_amp=0"):
         tuner_parameters(lora)
+
+
+def _without_past_key_values(module: torch.nn.Module) -> None:
+    """Give ``module`` the forward signature of transformers 5.24 (``cache`` in place of ``past_key_values``)."""
+    original = module.forward
+
+    def forward(input_ids=None, attention_mask=None, cache=None, **kwargs):
+        return original(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
+
+    module.forward = forward
+
+
+def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_training():
+    model = tiny_peft_model("bert", "prefix")
+    check_prefix_tuning(model)  # the installed transformers takes `past_key_values`: nothing to say
+    _without_past_key_values(model.base_model)
+    check_prefix_tuning(model)  # peft falls back to the backbone, which still takes it
+    _without_past_key_values(model.base_model.bert)
+    with pytest.raises(UnsupportedTunerError, match=r"transformers<5\.24.*another tuner"):
+        check_prefix_tuning(model)
+    with pytest.raises(UnsupportedTunerError, match="past_key_values"):
+        ObliviateDefense(model, lambda_amp=1e-3, lambda_attn=1e-3)
+    check_prefix_tuning(tiny_peft_model("bert", "lora"))  # other tuners never need the argument
 
 
 def test_top_level_exports_are_lazy_and_complete():
