@@ -137,11 +137,18 @@ def check_prefix_tuning(model: nn.Module) -> None:
     import peft
     import transformers
 
+    forward = base if backbone is None else backbone
+    renamed = "cache" in inspect.signature(forward.forward).parameters
     raise UnsupportedTunerError(
         f"Prefix tuning cannot run on {type(base).__name__} with transformers {transformers.__version__} and peft "
-        f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward no longer "
-        "takes (transformers 5.24 renamed it `cache`). Install `transformers<5.24` (hf-obliviate's own pin), a peft "
-        "release that supports the new name, or choose another tuner (LoRA, IA3, bottleneck adapters)."
+        f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward "
+        + (
+            "no longer takes (transformers 5.24 renamed it `cache`). Install `transformers<5.24` (hf-obliviate's own "
+            "pin), a peft release that supports the new name, or choose another tuner"
+            if renamed
+            else "does not take. Choose another tuner"
+        )
+        + " (LoRA, IA3, bottleneck adapters)."
     )
 
 

@@ -147,6 +147,16 @@ def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_trai
     check_prefix_tuning(tiny_peft_model("bert", "lora"))  # other tuners never need the argument
 
 
+def test_prefix_tuning_on_a_model_that_never_took_past_key_values_names_no_rename():
+    model = tiny_peft_model("bert", "prefix")
+    for module in (model.base_model, model.base_model.bert):
+        original = module.forward
+        module.forward = lambda input_ids=None, attention_mask=None, _f=original, **kw: _f(input_ids, attention_mask)
+    with pytest.raises(UnsupportedTunerError, match="does not take. Choose another tuner") as error:
+        check_prefix_tuning(model)
+    assert "5.24" not in str(error.value)
+
+
 def test_top_level_exports_are_lazy_and_complete():
     import subprocess
     import sys
