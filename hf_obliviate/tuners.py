@@ -85,7 +85,6 @@ def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
                         add(f"{mod_name}.{layer_name}.{adapter}", container[adapter])
 
     if classes is not None and isinstance(model, classes[0]) and model.active_peft_config.is_prompt_learning:
-        check_prefix_tuning(model)
         adapter = model.active_adapter
         encoder = model.prompt_encoder[adapter]
         if isinstance(encoder, classes[3]) and getattr(encoder, "prefix_projection", False):
@@ -108,10 +107,6 @@ def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(found.values())
 
 
-def _accepts_past_key_values(module: nn.Module) -> bool:
-    return "past_key_values" in inspect.signature(module.forward).parameters
-
-
 def check_prefix_tuning(model: nn.Module) -> None:
     """Refuse, before any training, a prefix-tuned model whose forward cannot take peft's prefix keys.
 
@@ -123,22 +118,18 @@ def check_prefix_tuning(model: nn.Module) -> None:
     Raises:
         UnsupportedTunerError: for prefix tuning on such a model, naming the versions and what to do instead.
     """
-    config = getattr(model, "active_peft_config", None)
-    peft_type = getattr(config, "peft_type", None)
-    if str(getattr(peft_type, "value", peft_type)) != "PREFIX_TUNING":
+    if describe_tuner(model) != "PREFIX_TUNING":
         return
     base = model.base_model
-    if _accepts_past_key_values(base):
-        return
     backbone_name = getattr(model, "transformer_backbone_name", None)
-    backbone = base.get_submodule(backbone_name) if backbone_name else None
-    if backbone is not None and _accepts_past_key_values(backbone):
+    modules = [base, base.get_submodule(backbone_name)] if backbone_name else [base]  # peft's order of trying
+    parameters = [inspect.signature(module.forward).parameters for module in modules]
+    if any("past_key_values" in names for names in parameters):
         return
     import peft
     import transformers
 
-    forward = base if backbone is None else backbone
-    renamed = "cache" in inspect.signature(forward.forward).parameters
+    renamed = "cache" in parameters[-1]
     raise UnsupportedTunerError(
         f"Prefix tuning cannot run on {type(base).__name__} with transformers {transformers.__version__} and peft "
         f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward "
