@@ -156,6 +156,11 @@ class PushConfig(_MethodFields):
             )
         if self.calibration_sequences < 1 or self.calibration_seq_len < 2:
             raise ValueError("--calibration_sequences must be >= 1 and --calibration_seq_len >= 2.")
+        if self.calibration_file is not None and self.lora == "factors":
+            raise ValueError(
+                "--calibration_file measures a compressed delta's logit MSE, but --lora factors stores the adapter as "
+                "is (nothing is compressed): use --lora merged, or leave out --calibration_file."
+            )
         if self.calibration_file is not None and not Path(self.calibration_file).exists():
             raise ValueError(f"--calibration_file {self.calibration_file} does not exist.")
 

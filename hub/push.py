@@ -110,6 +110,32 @@ def _peft_base_id(model) -> str | None:
     return getattr(cfg, "base_model_name_or_path", None)
 
 
+def _check_options(
+    method: str, lora: str, calibration_ids: torch.Tensor | None, distill: DistillConfig | None, scale_factor: float
+) -> tuple[DistillConfig | None, float]:
+    """Refuse a combination of push options that cannot work (before any repo is made or weight is read); returns
+    ``(distill or None when it has no steps, the checked scale_factor)``."""
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora must be one of {LORA_MODES} (got {lora!r}).")
+    distill = distill if distill is not None and distill.steps > 0 else None
+    if lora == "factors" and (calibration_ids is not None or distill is not None):
+        raise ValueError(
+            "lora='factors' stores the adapter as is (nothing is compressed), so calibration_ids (the compressed"
+            " delta's logit MSE) and distill (its scales) have nothing to act on: use lora='merged' or drop them."
+        )
+    if distill is not None and (method != "bitdelta" or calibration_ids is None):
+        raise ValueError(
+            "Scale distillation needs method='bitdelta' and calibration_ids (token ids of calibration text)."
+        )
+    scale_factor = check_scale_factor(scale_factor)
+    if scale_factor != 1.0 and (method != "bitdelta" or lora == "factors"):
+        raise ValueError(
+            "scale_factor shrinks a BitDelta delta: it needs method='bitdelta' and, for peft models, lora='merged' "
+            f"(got method={method!r}, lora={lora!r})."
+        )
+    return distill, scale_factor
+
+
 def build_delta_folder(
     model_or_dir: torch.nn.Module | str | os.PathLike,
     base_model: str | os.PathLike | None,
@@ -137,24 +163,12 @@ def build_delta_folder(
     compressed streaming; peft models are merged (``lora="merged"``, the security-relevant path) or stored as raw
     factors (``lora="factors"``). See [`push_compressed_delta`] for the arguments.
     """
-    if lora not in LORA_MODES:
-        raise ValueError(f"lora must be one of {LORA_MODES} (got {lora!r}).")
+    distill, scale_factor = _check_options(method, lora, calibration_ids, distill, scale_factor)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     kw = dict(method_kwargs or {})
     if method == "bitdelta":
         kw.setdefault("k", k)
-    distill = distill if distill is not None and distill.steps > 0 else None
-    if distill is not None and (method != "bitdelta" or calibration_ids is None):
-        raise ValueError(
-            "Scale distillation needs method='bitdelta' and calibration_ids (token ids of calibration text)."
-        )
-    scale_factor = check_scale_factor(scale_factor)
-    if scale_factor != 1.0 and (method != "bitdelta" or lora == "factors"):
-        raise ValueError(
-            "scale_factor shrinks a BitDelta delta: it needs method='bitdelta' and, for peft models, lora='merged' "
-            f"(got method={method!r}, lora={lora!r})."
-        )
 
     is_dir = isinstance(model_or_dir, (str, os.PathLike))
     if is_dir and (Path(model_or_dir) / "adapter_config.json").is_file():
@@ -435,6 +449,7 @@ def push_compressed_delta(
             calibration_ids=calibration_ids, distill=distill, scale_factor=scale_factor, defense=defense,
             evaluation=evaluation, repo_id=repo_id, max_shard_size=max_shard_size, progress=progress,
         )  # fmt: skip
+    _check_options(method, lora, calibration_ids, distill, scale_factor)  # before the repo is made
     ensure_repo(repo_id, token=token, private=private)  # fail on auth before spending time compressing
     tmp = Path(tempfile.mkdtemp(prefix="obliviate-delta-"))
     try:

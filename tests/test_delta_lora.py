@@ -88,6 +88,14 @@ def test_raw_factor_path(lora_setup):
     ids = torch.randint(0, 100, (2, 7))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
+    # Raw factors are not compressed: calibration text (a logit MSE) or distillation would be silently unused.
+    for extra in ({"calibration_ids": ids}, {"distill": DistillConfig(steps=2)}):
+        with pytest.raises(ValueError, match="lora='factors' stores the adapter as is"):
+            push_compressed_delta(
+                peft_model, str(tmp_path / "base"), "me/lora", lora="factors", dry_run_dir=tmp_path / "g",
+                progress=False, **extra,
+            )  # fmt: skip
+    assert not (tmp_path / "g").exists()
 
 
 def test_scale_distillation_reduces_logit_mse_and_card_warns(tmp_path):

@@ -281,5 +281,7 @@ def test_cli_push_distills_on_a_calibration_file(tmp_path):
         PushConfig(**common, distill_steps=5, method="svd")
     with pytest.raises(ValueError, match="does not exist"):
         PushConfig(**{**common, "calibration_file": str(tmp_path / "missing.txt")}, distill_steps=5)
+    with pytest.raises(ValueError, match="--lora factors stores the adapter as is"):
+        PushConfig(**common, lora="factors")
     with pytest.raises(ValueError, match="--distill_steps must be >= 0"):
         PushConfig(**common, distill_steps=-1)

@@ -231,6 +231,8 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path, caplog):
         _args(tmp_path / "bad", delta_scale_factor=-0.5)
     with pytest.raises(ValueError, match="delta_lora"):
         _args(tmp_path / "bad", delta_lora="dense")
+    with pytest.raises(ValueError, match="delta_lora='factors' stores the adapter as is"):
+        _args(tmp_path / "bad", delta_lora="factors", delta_distill_steps=5)
 
     # The exact adapter: no warning, and the rebuilt model is the fine-tune (fp16 factors).
     caplog.clear()

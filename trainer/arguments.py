@@ -87,6 +87,11 @@ class DeltaPushArguments:
             ) from None
         if self.delta_distill_steps < 0:
             raise ValueError(f"delta_distill_steps must be >= 0, got {self.delta_distill_steps}.")
+        if self.delta_distill_steps and self.delta_lora == "factors":
+            raise ValueError(
+                "delta_distill_steps trains BitDelta scales, but delta_lora='factors' stores the adapter as is "
+                "(nothing is compressed): use delta_lora='merged', or delta_distill_steps=0."
+            )
         if self.delta_calibration_sequences < 1 or self.delta_calibration_seq_len < 2:
             raise ValueError("delta_calibration_sequences must be >= 1 and delta_calibration_seq_len >= 2.")
         if self.delta_calibration_texts is not None and self.delta_calibration_dataset is not None:
