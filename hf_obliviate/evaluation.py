@@ -169,25 +169,24 @@ def predict_labels(
     pairs = list(text_pairs) if text_pairs is not None else None
     if pairs is not None and len(pairs) != len(texts):
         raise ValueError(f"text_pairs has {len(pairs)} entries for {len(texts)} texts: give one pair per text.")
-    # Batches of similar lengths pad less (in a random batch of sentiment sentences about 40% is padding): run the
-    # rows shortest first and put the predictions back in the order given.
-    order = list(range(len(texts)))
-    if len(texts) > batch_size:
-        lengths = tokenizer(list(texts), pairs, truncation=True, max_length=max_length, return_length=True)["length"]
-        order.sort(key=lambda i: lengths[i])
+    if not texts:
+        return [], 0
+    # Batches of similar lengths pad less (in a random batch of sentiment sentences about 40% is padding): every text
+    # is tokenised once, the rows run shortest first, each batch is only padded, and the predictions go back in the
+    # order given.
+    encoded = tokenizer(list(texts), pairs, truncation=True, max_length=max_length)
+    columns = ["input_ids", "attention_mask"] + (["token_type_ids"] if pairs is not None else [])
+    columns = [c for c in columns if c in encoded]
+    order = sorted(range(len(texts)), key=lambda i: len(encoded["input_ids"][i]))
     preds: list[int] = [0] * len(texts)
     num_labels = 0
     try:
         starts = range(0, len(texts), batch_size)
         for start in starts if progress is not None else tqdm(starts, disable=not show_progress, leave=False):
             rows = order[start : start + batch_size]
-            chunk = [texts[i] for i in rows]
-            pair = [pairs[i] for i in rows] if pairs is not None else None
-            enc = tokenizer(chunk, pair, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            inputs = {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
-            if pair is not None and "token_type_ids" in enc:  # sentence pairs: BERT-style segment ids matter
-                inputs["token_type_ids"] = enc["token_type_ids"].to(device)
-            out = model(**inputs)
+            # sentence pairs keep BERT-style segment ids; single texts leave them to the model, as before
+            enc = tokenizer.pad([{c: encoded[c][i] for c in columns} for i in rows], return_tensors="pt")
+            out = model(**{c: enc[c].to(device) for c in columns})
             logits = out.logits if hasattr(out, "logits") else out[0]
             num_labels = logits.shape[-1]
             for i, label in zip(rows, logits.argmax(-1).tolist()):
