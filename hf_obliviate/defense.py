@@ -14,7 +14,7 @@ from .config import ObliviateConfig
 from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens
 from .losses import amplification_loss
 from .probing import hidden_states_of, summary_of, summary_state
-from .tuners import check_prefix_tuning, tuner_parameters
+from .tuners import check_prefix_tuning, peft_type_of, tuner_parameters
 
 __all__ = ["DefenseStep", "ObliviateDefense"]
 
@@ -269,7 +269,6 @@ def _query_offset(model: nn.Module) -> int:
     config = getattr(model, "active_peft_config", None)
     if config is None or not getattr(config, "is_prompt_learning", False):
         return 0
-    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
-    if peft_type in ("PREFIX_TUNING", "CARTRIDGE"):
+    if peft_type_of(config) in ("PREFIX_TUNING", "CARTRIDGE"):
         return 0
     return int(config.num_virtual_tokens)

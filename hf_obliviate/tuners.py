@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 from torch import nn
 
-__all__ = ["UnsupportedTunerError", "check_prefix_tuning", "describe_tuner", "tuner_parameters"]
+__all__ = ["UnsupportedTunerError", "check_prefix_tuning", "describe_tuner", "peft_type_of", "tuner_parameters"]
 
 
 class UnsupportedTunerError(ValueError):
@@ -151,7 +152,13 @@ def describe_tuner(model: nn.Module) -> str:
         return "BOTTLENECK"
     config = getattr(model, "active_peft_config", None)
     if config is not None:
-        peft_type = getattr(config, "peft_type", None)
-        name = str(getattr(peft_type, "value", peft_type))
+        name = str(peft_type_of(config))
         return f"{name}+DORA" if getattr(config, "use_dora", False) else name
     return "none"
+
+
+def peft_type_of(config: Any) -> str | None:
+    """The ``peft_type`` of a peft config as a plain string (``"LORA"``, ``"PREFIX_TUNING"``, ...); ``None`` when
+    ``config`` is ``None`` or has none."""
+    peft_type = getattr(config, "peft_type", None)
+    return None if peft_type is None else str(getattr(peft_type, "value", peft_type))

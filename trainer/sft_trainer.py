@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
+from hf_obliviate.tuners import peft_type_of
+
 from .hub_mixin import CompressedPushMixin
 from .sft_config import ObliviateSFTConfig
 from .trainer import TAGS, ObliviateTrainerMixin
@@ -19,11 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def _is_prefix_tuning(model: Any, peft_config: Any) -> bool:
-    for config in (peft_config, getattr(model, "active_peft_config", None)):
-        peft_type = getattr(config, "peft_type", None)
-        if peft_type is not None and str(getattr(peft_type, "value", peft_type)) == "PREFIX_TUNING":
-            return True
-    return False
+    return any(peft_type_of(c) == "PREFIX_TUNING" for c in (peft_config, getattr(model, "active_peft_config", None)))
 
 
 class ObliviateSFTTrainer(ObliviateTrainerMixin, CompressedPushMixin, SFTTrainer):
