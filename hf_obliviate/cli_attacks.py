@@ -78,7 +78,7 @@ def load_for_eval(model: str, base: str | None = None):
     folder = Path(model)
     config_file = folder / "adapter_config.json"
     if not config_file.is_file():
-        return load_classifier(model)
+        return load_classifier(model, trained_head=True)
     adapter = json.loads(config_file.read_text())
     base_path = base or adapter.get("base_model_name_or_path")
     if not base_path:

@@ -5,13 +5,21 @@ CACC / ASR: ``hf_obliviate.evaluation``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = ["PEFT_TYPES", "EncodedDataset", "load_classifier", "tokenize_examples", "wrap_peft"]
+
+logger = logging.getLogger(__name__)
+
+# Heads that a sequence classifier adds on top of an encoder or decoder (BERT-style, Llama-style); a BERT pooler,
+# which a checkpoint saved without one (e.g. a masked-LM) lacks, is new with them.
+_HEAD_MODULES = ("classifier", "score")
 
 PEFT_TYPES = ("lora", "dora", "prefix", "ia3", "adapter")
 
@@ -23,12 +31,74 @@ _ATTENTION_TARGETS = {
 }
 
 
+class _HeldReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT (a table of every missing and unexpected tensor) while it is installed;
+    ``release`` logs what it held."""
+
+    def __init__(self, target: logging.Logger):
+        super().__init__()
+        self.target, self.held = target, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        self.target.removeFilter(self)
+        for record in self.held:
+            self.target.handle(record)
+        self.held = []
+
+
+@contextmanager
+def _held_load_report() -> Iterator[_HeldReport]:
+    target = logging.getLogger("transformers.modeling_utils")
+    held = _HeldReport(target)
+    target.addFilter(held)
+    try:
+        yield held
+    finally:
+        target.removeFilter(held)
+
+
+def _log_loading(model: nn.Module, info: dict, path: str, quiet_head: bool = False) -> list[str]:
+    """One line instead of the LOAD REPORT for what loading an encoder as a classifier always does (a new head, the
+    pre-training head left out; the head line left to the caller with ``quiet_head``); a warning naming any other
+    missing tensor. Returns the new head's tensor names."""
+    missing = sorted(info.get("missing_keys") or ())
+    head = [k for k in missing if k.split(".")[0] in _HEAD_MODULES or ".pooler." in f".{k}"]
+    other = [k for k in missing if k not in head]
+    if head and not quiet_head:
+        logger.info("%s: new %d-label classification head (%s); fine-tune it before use.", path,
+                    model.config.num_labels, ", ".join(head))  # fmt: skip
+    if info.get("unexpected_keys"):
+        logger.info("%s: %d checkpoint tensors the classifier does not use (e.g. a pre-training head).", path,
+                    len(info["unexpected_keys"]))  # fmt: skip
+    if other:
+        shown = ", ".join(other[:8]) + (f" and {len(other) - 8} more" if len(other) > 8 else "")
+        logger.warning("%s lacks %d tensors of the model body, initialised at random: %s. Is it the right "
+                       "checkpoint?", path, len(other), shown)  # fmt: skip
+    return head
+
+
 def load_classifier(
-    model_name_or_path: str | Path | None = None, num_labels: int = 2, attn_implementation: str = "sdpa"
+    model_name_or_path: str | Path | None = None,
+    num_labels: int = 2,
+    attn_implementation: str = "sdpa",
+    trained_head: bool = False,
 ) -> tuple[nn.Module, object]:
     """Load a sequence classifier and its tokenizer; default: the bundled MiniLM-L6 with a new 2-label head.
 
-    A backdoored checkpoint saved by :mod:`hf_obliviate.attacks` loads the same way.
+    A backdoored checkpoint saved by :mod:`hf_obliviate.attacks` loads the same way. A new head is logged on one
+    line (INFO) instead of transformers' LOAD REPORT, which still shows when loading fails; tensors of the model body
+    missing from the checkpoint are a warning.
+
+    Args:
+        trained_head (`bool`, *optional*, defaults to `False`):
+            The checkpoint is a fine-tuned classifier (e.g. to evaluate it): its head and label count are used, and
+            a checkpoint without a head is an error instead of getting a new one (``num_labels`` is ignored).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -36,9 +106,21 @@ def load_classifier(
 
     path = str(model_name_or_path or minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, attn_implementation=attn_implementation
-    )
+    kwargs = {} if trained_head else {"num_labels": num_labels}
+    with _held_load_report() as held:
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+            )
+        except Exception:
+            held.release()  # the report explains the error: show it
+            raise
+    head = _log_loading(model, info, path, quiet_head=trained_head)
+    if trained_head and head:
+        raise ValueError(
+            f"{path} has no trained classification head ({', '.join(head)} missing): evaluate a fine-tuned "
+            "classifier, or the adapter folder of a fine-tune (with --base for its base model)."
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
