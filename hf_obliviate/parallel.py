@@ -27,6 +27,22 @@ def spawn_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(
         workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=torch.set_num_threads,
-        initargs=(threads_per_worker(workers),),
+        initializer=_start_worker,
+        initargs=(threads_per_worker(workers), os.getpid()),
     )
+
+
+def _start_worker(threads: int, parent: int, poll_seconds: float = 1.0) -> None:
+    """Set the worker's torch threads, and end the worker once its parent is gone: a parent stopped by SIGTERM or
+    SIGKILL runs no clean-up, and its workers would otherwise go on with their fine-tunes as orphans."""
+    import threading
+    import time
+
+    torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
