@@ -51,6 +51,18 @@ def scheduled(start: float, stop: float):
     ObliviateTrainer.compute_loss = compute_loss
 
 
+def parse_cells(parser: argparse.ArgumentParser, specs: list[str], pefts=("lora", "adapter")) -> list[list[str]]:
+    """``encoder:peft:seed`` specs split, every one checked before any training (``parser.error`` otherwise)."""
+    cells = [spec.split(":") for spec in specs]
+    for spec, parts in zip(specs, cells):
+        if len(parts) != 3 or parts[0] not in defense.ATTACKS or parts[1] not in pefts:
+            parser.error(f"{spec!r}: give encoder:peft:seed, encoder one of {', '.join(defense.ATTACKS)}, peft one "
+                         f"of {', '.join(pefts)}, e.g. neuba:adapter:0.")  # fmt: skip
+        if not parts[2].isdigit():
+            parser.error(f"{spec!r}: the seed must be a whole number.")
+    return cells
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -74,13 +86,7 @@ def main() -> None:
     scheduled(start, stop)
     sizes = defense.Sizes()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    cells = [spec.split(":") for spec in args.cells]
-    for spec, parts in zip(args.cells, cells):  # every spec checked before any training
-        if len(parts) != 3 or parts[0] not in defense.ATTACKS or parts[1] not in ("lora", "adapter"):
-            parser.error(f"{spec!r}: give encoder:peft:seed, encoder one of {', '.join(defense.ATTACKS)}, peft lora "
-                         "or adapter, e.g. neuba:adapter:0.")  # fmt: skip
-        if not parts[2].isdigit():
-            parser.error(f"{spec!r}: the seed must be a whole number.")
+    cells = parse_cells(parser, args.cells)
     for spec, (encoder, peft, seed) in zip(args.cells, cells):
         cell = defense.run_cell(encoder, defense.plant(encoder, sizes), peft, int(seed), True, (0.0, 0.0), sizes,
                                 split="validation", variant="scan-consistency")  # fmt: skip

@@ -1,0 +1,137 @@
+"""Side run of the defense benchmark: other shapes of the `scan-consistency` term, and why it costs clean accuracy.
+
+The defaults (`scan-consistency`: the final [CLS] hidden state of a copy with one scanned token inserted pulled to
+the clean one by a mean squared error, λ 0.03) keep NeuBA + bottleneck adapters about 5 points of validation CACC
+below the undefended fine-tune. This script fine-tunes validation cells of ``benchmarks/defense.py`` (same sizes,
+sampling, encoders and scanned tokens) with the term in another shape and, after each fine-tune, measures how far
+the model's final [CLS] states still spread over the 200 validation sentences (``summary_spread``: the mean squared
+distance to their mean; ``summary_sq``: their mean squared norm). One JSON line per cell goes to ``--out``.
+
+Shapes (``--shape``):
+  mse       the default term (a control: equal to the benchmark's own cell)
+  relative  the squared distance divided by the clean batch's spread, gradients through both (collapse costs)
+  hinge     per row, only the part of the mean squared distance above ``--margin`` (ordinary words may move [CLS])
+  kl        KL between the predictions on the batch and on the copy (``consistency_target="logits"``)
+  none      no defense (the undefended fine-tune, for its spread)
+
+    python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
+
+``--lr`` overrides the fine-tunes' learning rate (every PEFT type). Each process fine-tunes on one thread (as the
+benchmark's workers do on 2 cores); run two side by side there. Nothing here changes the library.
+
+Results of 2026-11-24: ``results/history/consistency-shapes/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
+import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
+
+OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
+SHAPES = ("mse", "relative", "hinge", "kl", "none")
+
+
+def use_shape(shape: str, margin: float) -> dict:
+    """Patch the defense's hidden-state term for ``shape``; return the ObliviateConfig overrides of the variant."""
+    import torch
+
+    import hf_obliviate.defense as core
+
+    overrides = dict(defense.VARIANTS["scan-consistency"])
+    if shape == "kl":
+        overrides["consistency_target"] = "logits"
+    elif shape == "relative":
+
+        def relative(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+            distance = ((perturbed.float() - clean.detach().float()) ** 2).sum(-1).mean()
+            spread = ((clean.float() - clean.float().mean(0)) ** 2).sum(-1).mean()
+            return distance / spread.clamp_min(1e-6)
+
+        core.hidden_consistency_loss = relative
+    elif shape == "hinge":
+
+        def hinge(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+            return torch.relu(((perturbed.float() - clean.detach().float()) ** 2).mean(-1) - margin).mean()
+
+        core.hidden_consistency_loss = hinge
+    return overrides
+
+
+def summary_spread(model, tokenizer, sizes: defense.Sizes) -> tuple[float, float]:
+    """``(mean squared distance of the final [CLS] states to their mean, their mean squared norm)`` over the
+    validation sentences the cell is evaluated on."""
+    import torch
+
+    from hf_obliviate.data import load_movie_reviews
+    from hf_obliviate.probing import summary_state
+
+    texts = [e["text"] for e in load_movie_reviews("validation", n=sizes.val_n, seed=0)]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=sizes.max_length, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        states = summary_state(model, dict(batch))[0].float()
+    return float(((states - states.mean(0)) ** 2).sum(-1).mean()), float((states**2).sum(-1).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, required=True)
+    parser.add_argument("--lam", type=float, default=None, help="λ_consistency (default: the variant's, 0.03).")
+    parser.add_argument("--margin", type=float, default=0.05, help="The hinge's margin (mean squared distance).")
+    parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
+    parser.add_argument("--cells", nargs="+", required=True, help="encoder:peft:seed, e.g. neuba:adapter:0")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    cells = consistency_schedule.parse_cells(parser, args.cells, pefts=defense.PEFTS)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    import hf_obliviate.trainer as trainer
+
+    torch.set_num_threads(1)  # as each of the benchmark's two workers on 2 cores: its cells' numbers, exactly
+    overrides = use_shape(args.shape, args.margin)
+    if args.lam is not None:
+        overrides["lambda_consistency"] = args.lam
+    defense.VARIANTS["side-run"] = overrides
+    if args.lr is not None:
+        defense.LEARNING_RATES.update(dict.fromkeys(defense.LEARNING_RATES, args.lr))
+    tuned = {}
+    fine_tune = trainer.fine_tune
+
+    def keep_model(model, *a, **kw):  # run_cell imports fine_tune from hf_obliviate.trainer when it runs
+        tuned["model"] = model
+        return fine_tune(model, *a, **kw)
+
+    trainer.fine_tune = keep_model
+    sizes = defense.Sizes()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    defended = args.shape != "none"
+    for spec, (encoder, peft, seed) in zip(args.cells, cells):
+        path = defense.plant(encoder, sizes)
+        cell = defense.run_cell(encoder, path, peft, int(seed), defended, (0.0, 0.0), sizes, split="validation",
+                                variant="side-run" if defended else "reference")  # fmt: skip
+        from transformers import AutoTokenizer
+
+        spread, square = summary_spread(tuned["model"], AutoTokenizer.from_pretrained(path), sizes)
+        row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
+               "margin": args.margin if args.shape == "hinge" else None, "lr": defense.LEARNING_RATES[peft],
+               "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
+               "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,
+               "summary_spread": float(f"{spread:.4g}"), "summary_sq": float(f"{square:.4g}")}  # fmt: skip
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"{spec} {args.shape}: CACC {cell.cacc:.3f}, {cell.metric} {cell.asr:.3f}, spread {spread:.3f}",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
