@@ -12,6 +12,9 @@ Shapes (``--shape``):
   relative  the squared distance divided by the clean batch's spread, gradients through both (collapse costs)
   hinge     per row, only the part of the mean squared distance above ``--margin`` (ordinary words may move [CLS])
   kl        KL between the predictions on the batch and on the copy (``consistency_target="logits"``)
+  mse-eval  the default term with dropout off in both of its passes (the clean state from an extra pass without
+            gradients): under dropout the two passes differ even without an inserted word, and the term pulls them
+            together too
   none      no defense (the undefended fine-tune, for its spread)
 
     python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
@@ -37,7 +40,7 @@ import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
-SHAPES = ("mse", "relative", "hinge", "kl", "none")
+SHAPES = ("mse", "relative", "hinge", "kl", "mse-eval", "none")
 
 
 def use_shape(shape: str, margin: float) -> dict:
@@ -63,6 +66,21 @@ def use_shape(shape: str, margin: float) -> dict:
             return torch.relu(((perturbed.float() - clean.detach().float()) ** 2).mean(-1) - margin).mean()
 
         core.hidden_consistency_loss = hinge
+    elif shape == "mse-eval":
+        original = core.ObliviateDefense.consistency_loss
+
+        def without_dropout(self, inputs, logits, model=None, outputs=None):
+            # eval mode, not only the Dropout modules: SDPA attention reads its module's own `training` flag
+            modules = list((model or self.model).modules())
+            modes = [m.training for m in modules]
+            (model or self.model).eval()
+            try:  # outputs=None: the clean target comes from a pass without dropout too
+                return original(self, inputs, logits, model)
+            finally:
+                for module, mode in zip(modules, modes):
+                    module.training = mode
+
+        core.ObliviateDefense.consistency_loss = without_dropout
     return overrides
 
 
