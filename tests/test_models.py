@@ -14,9 +14,9 @@ from hf_obliviate.bundled import minilm_path
 from hf_obliviate.models import load_classifier
 
 
-def _encoder_checkpoint(folder, hidden: int = 32):
+def _encoder_checkpoint(folder):
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64)  # fmt: skip
     BertForMaskedLM(config).save_pretrained(folder)  # an encoder with its pre-training (MLM) head
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
