@@ -6,6 +6,7 @@ CACC / ASR: ``hf_obliviate.evaluation``."""
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,15 +33,15 @@ _ATTENTION_TARGETS = {
 
 
 class _HeldReport(logging.Filter):
-    """Holds back transformers' LOAD REPORT (a table of every missing and unexpected tensor) while it is installed;
-    ``release`` logs what it held."""
+    """Holds back transformers' LOAD REPORT (a table of every missing and unexpected tensor) of the installing thread
+    while it is installed (other threads' reports pass); ``release`` logs what it held."""
 
     def __init__(self, target: logging.Logger):
         super().__init__()
-        self.target, self.held = target, []
+        self.target, self.held, self.thread = target, [], threading.get_ident()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
+        if record.thread == self.thread and "LOAD REPORT" in record.getMessage():
             self.held.append(record)
             return False
         return True

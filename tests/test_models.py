@@ -71,3 +71,18 @@ def test_trained_head_is_required_for_evaluation(tmp_path):
     loaded, _ = load_for_eval(str(tmp_path / "clf"))  # its own 3 labels, not the default 2
     assert loaded.config.num_labels == 3
     torch.testing.assert_close(loaded.classifier.weight, model.classifier.weight)
+
+
+def test_another_threads_report_is_not_held(tmp_path, caplog):
+    import threading
+
+    from hf_obliviate.models import _held_load_report
+
+    target = logging.getLogger("transformers.modeling_utils")
+    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"), _held_load_report() as held:
+        target.warning("BertModel LOAD REPORT from: here")  # this thread: held back
+        other = threading.Thread(target=target.warning, args=("BertModel LOAD REPORT from: elsewhere",))
+        other.start()
+        other.join()
+    assert [r.getMessage() for r in held.held] == ["BertModel LOAD REPORT from: here"]
+    assert "from: elsewhere" in caplog.text and "from: here" not in caplog.text
