@@ -54,12 +54,18 @@ class _HeldReport(logging.Filter):
 
 
 @contextmanager
-def _held_load_report() -> Iterator[_HeldReport]:
+def held_load_report() -> Iterator[_HeldReport]:
+    """Within the block, transformers' LOAD REPORT of this thread's ``from_pretrained`` calls is held back (for a
+    caller that reads ``output_loading_info`` and reports what matters itself); if the block raises, the held report is
+    logged, since it explains the error."""
     target = logging.getLogger("transformers.modeling_utils")
     held = _HeldReport(target)
     target.addFilter(held)
     try:
         yield held
+    except BaseException:
+        held.release()
+        raise
     finally:
         target.removeFilter(held)
 
@@ -108,14 +114,10 @@ def load_classifier(
     path = str(model_name_or_path or minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {} if trained_head else {"num_labels": num_labels}
-    with _held_load_report() as held:
-        try:
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
-            )
-        except Exception:
-            held.release()  # the report explains the error: show it
-            raise
+    with held_load_report():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, attn_implementation=attn_implementation, output_loading_info=True, **kwargs
+        )
     head = _log_loading(model, info, path, quiet_head=trained_head)
     if trained_head and head:
         raise ValueError(

@@ -29,6 +29,7 @@ from hf_obliviate.delta.checkpoint import resolve_checkpoint
 from hf_obliviate.delta.compress import model_class_name
 from hf_obliviate.delta.format import LORA_MODES, check_scale_factor, label_fields
 from hf_obliviate.delta.writer import build_metadata, write_json_atomic
+from hf_obliviate.models import held_load_report
 
 from .card import build_model_card
 
@@ -68,7 +69,8 @@ def load_base_model(
     if cls is None or not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
         cls = transformers.AutoModel
     kwargs.pop("trust_remote_code", None)
-    model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
+    with held_load_report():  # the callers handle the missing keys (a head the delta or the adapter supplies)
+        model, info = cls.from_pretrained(str(folder), output_loading_info=True, **kwargs)
     return model.eval(), folder, rev, list(info.get("missing_keys") or [])
 
 

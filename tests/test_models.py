@@ -76,10 +76,10 @@ def test_trained_head_is_required_for_evaluation(tmp_path):
 def test_another_threads_report_is_not_held(tmp_path, caplog):
     import threading
 
-    from hf_obliviate.models import _held_load_report
+    from hf_obliviate.models import held_load_report
 
     target = logging.getLogger("transformers.modeling_utils")
-    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"), _held_load_report() as held:
+    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"), held_load_report() as held:
         target.warning("BertModel LOAD REPORT from: here")  # this thread: held back
         other = threading.Thread(target=target.warning, args=("BertModel LOAD REPORT from: elsewhere",))
         other.start()
