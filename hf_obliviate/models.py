@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["PEFT_TYPES", "EncodedDataset", "load_classifier", "tokenize_examples", "wrap_peft"]
+__all__ = ["PEFT_TYPES", "EncodedDataset", "held_load_report", "load_classifier", "tokenize_examples", "wrap_peft"]
 
 logger = logging.getLogger(__name__)
 
