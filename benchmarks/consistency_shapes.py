@@ -125,9 +125,9 @@ def main() -> None:
     tuned = {}
     fine_tune = trainer.fine_tune
 
-    def keep_model(model, *a, **kw):  # run_cell imports fine_tune from hf_obliviate.trainer when it runs
-        tuned["model"] = model
-        return fine_tune(model, *a, **kw)
+    def keep_model(model, tokenizer, *a, **kw):  # run_cell imports fine_tune from hf_obliviate.trainer when it runs
+        tuned["model"], tuned["tokenizer"] = model, tokenizer
+        return fine_tune(model, tokenizer, *a, **kw)
 
     trainer.fine_tune = keep_model
     sizes = defense.Sizes()
@@ -137,9 +137,7 @@ def main() -> None:
         path = defense.plant(encoder, sizes)
         cell = defense.run_cell(encoder, path, peft, int(seed), defended, (0.0, 0.0), sizes, split="validation",
                                 variant="side-run" if defended else "reference")  # fmt: skip
-        from transformers import AutoTokenizer
-
-        spread, square = summary_spread(tuned["model"], AutoTokenizer.from_pretrained(path), sizes)
+        spread, square = summary_spread(tuned["model"], tuned["tokenizer"], sizes)
         row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
                "margin": args.margin if args.shape == "hinge" else None, "lr": defense.LEARNING_RATES[peft],
                "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
