@@ -105,8 +105,11 @@ class Sizes:
     # runs each longest first (a curriculum): 1.46x faster, but validation CACC on POR fell from 0.745 to 0.690.
     sampling: str = "bucketed"
     bucket_batches: int = 8
-    eval_n: int = 200
+    eval_n: int = 200  # test sentences with triggered copies (ASR); CACC is over `cacc_n` clean ones
     val_n: int = 200
+    # Clean sentences CACC is measured on, at most the whole split (test 1000, validation 500). On 200 a CACC near 0.7
+    # has a standard error of 3.2 points, twice the 1.5-point floor; on 1000 it is 1.4. Costs about 4 s a cell.
+    cacc_n: int = 1000
     plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
@@ -131,10 +134,17 @@ class Sizes:
 
 
 QUICK = Sizes(
-    train=32, epochs=1, batch=16, eval_n=16, val_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1, scan_sentences=1,
-    seeds=(0,), val_seeds=(0, 1), finalists=1,
+    train=32, epochs=1, batch=16, eval_n=16, val_n=16, cacc_n=16, plant_steps=2, plant_batch=2, mlm_warmup=1,
+    scan_sentences=1, seeds=(0,), val_seeds=(0, 1), finalists=1,
     pefts=("lora",), grid=((3e-4, 3e-3),), variant_grids={v: ((3e-4, 3e-3),) for v in VARIANT_GRIDS},
 )  # fmt: skip
+
+
+# How a cell is measured. 1: CACC on the `eval_n` sentences that also have triggered copies, the trigger scan on the
+# model of an encoder's first scan-consistency cell. 2 (2026-11-24): CACC on `cacc_n` clean sentences, the scan on
+# the bare encoder before any cell runs (`prefetch_scans`). Cells of another protocol stay in a journal but out of
+# the tables and are not reused.
+PROTOCOL = 2
 
 
 @dataclass
@@ -155,6 +165,7 @@ class Cell:
     extra: dict = field(default_factory=dict)
     sampling: str = "random"  # the training sampler (`Sizes.sampling`; journal cells without it used "random")
     checkpoint: str = CLEAN_CHECKPOINT  # `checkpoint_of`: a re-planted attack is another encoder, with its own cells
+    protocol: int = 1  # how the cell was measured (`PROTOCOL`; journal cells without it: 1)
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -216,7 +227,10 @@ def checkpoint_of(encoder: str, sizes: Sizes) -> str:
 def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
     """The journal cells to tabulate: of an encoder that has cells fine-tuned from the checkpoint these sizes plant
     (`checkpoint_of`), only those (a cell of the encoder planted with other settings stays in the file but out of the
-    tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/)."""
+    tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/).
+    A journal with cells of the current `PROTOCOL` is tabulated from those alone."""
+    if any(c.get("protocol", 1) == PROTOCOL for c in cells):  # else an earlier run's journal: tabulate it as it is
+        cells = [c for c in cells if c.get("protocol", 1) == PROTOCOL]
     current = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
     planted_now = {c["encoder"] for c in cells if c.get("checkpoint") == current[c["encoder"]]}
     return [c for c in cells if c["encoder"] not in planted_now or c.get("checkpoint") == current[c["encoder"]]]
@@ -234,9 +248,10 @@ def plant(attack: str, sizes: Sizes) -> Path:
 
 
 def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) -> list[int]:
-    """The trigger scan's 32 tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens` on the model
-    before fine-tuning, which is what `ObliviateTrainer` runs without a ``consistency_pool``), cached per encoder
-    checkpoint: every seed and PEFT type of an encoder starts from the same weights, so the scan is the same."""
+    """The trigger scan's 32 tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens`, what
+    `ObliviateTrainer` runs on the model before fine-tuning without a ``consistency_pool``), cached per encoder
+    checkpoint: every seed and PEFT type of an encoder starts from the same encoder, so one scan serves them all
+    (`prefetch_scans` makes it on the bare encoder first)."""
     from hf_obliviate.artifacts import settings_hash
     from hf_obliviate.bundled import minilm_path
     from hf_obliviate.consistency import SCAN_SENTENCES, scan_trigger_tokens
@@ -253,6 +268,22 @@ def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, tokens)  # two workers may scan the same encoder at once: the last rename wins
     return tokens
+
+
+def prefetch_scans(specs) -> None:
+    """Run the trigger scan (`scanned_tokens`) of every encoder that a `scan-consistency` cell of ``specs`` needs, in
+    this process and on the bare encoder, before the cells run: every cell of an encoder then reads the same scan,
+    whichever PEFT type runs first (an adapter or a prefix already changes the model a little at initialisation; for
+    LoRA, B = 0, it is the bare encoder), and two workers never scan a cold encoder twice."""
+    from hf_obliviate.models import load_classifier
+
+    wanted = {}
+    for spec in specs:
+        if spec["defended"] and VARIANTS[spec.get("variant", "reference")].get("consistency_tokens") == "scan":
+            wanted.setdefault(spec["encoder_path"], spec["sizes"].scan_sentences)
+    for path, sentences in wanted.items():
+        model, tokenizer = load_classifier(path)
+        scanned_tokens(path, model.to(_device()), tokenizer, sentences)
 
 
 def length_bucketed(examples: list, lengths: list[int], batch: int, group: int, seed: int) -> list:
@@ -286,7 +317,8 @@ def run_cell(
 ) -> Cell:
     from hf_obliviate.attacks import load_attack_info, poison_dataset
     from hf_obliviate.data import load_movie_reviews
-    from hf_obliviate.evaluation import build_eval_set, evaluate_backdoor
+    from hf_obliviate.evaluation import build_eval_set, evaluate_backdoor, predict_labels
+    from hf_obliviate.metrics import accuracy, is_near_chance
     from hf_obliviate.models import load_classifier, wrap_peft
     from hf_obliviate.trainer import ObliviateTrainingArguments, fine_tune
     from hf_obliviate.triggers import DEFAULT_TRIGGERS
@@ -340,6 +372,11 @@ def run_cell(
 
         kwargs["consistency_pool"] = rare_token_pool(tokenizer, exclude=sorted({*triggers, *DEFAULT_TRIGGERS}))
     fine_tune(model, tokenizer, train, args, max_length=sizes.max_length, **kwargs)
+    split_size = len(load_movie_reviews(split))
+    clean = load_movie_reviews(split, n=min(sizes.cacc_n, split_size), seed=0)
+    preds, classes = predict_labels(model, tokenizer, [e["text"] for e in clean])
+    cacc = accuracy([e["label"] for e in clean], preds)
+    near_chance = is_near_chance(cacc, max(classes, 2), preds=preds)
     eval_examples = load_movie_reviews(split, n=sizes.val_n if split == "validation" else sizes.eval_n, seed=0)
     eval_set = build_eval_set(eval_examples, triggers=triggers, n=None, seed=1234, spread=spread)
     targets = None
@@ -356,17 +393,19 @@ def run_cell(
         metric, score = "asr", result.asr
     return Cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
-        cacc=result.cacc, asr=score, metric=metric, near_chance=result.near_chance,
+        cacc=cacc, asr=score, metric=metric, near_chance=near_chance,
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
-        sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes),
-        extra={"lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
+        sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=PROTOCOL,
+        extra={"cacc_n": len(clean), "asr_set_cacc": result.cacc, "asr_set_near_chance": result.near_chance,
+               "lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
                "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
     )  # fmt: skip
 
 
 def _key(cell: dict) -> tuple:
     return (cell["encoder"], cell["peft"], cell["seed"], cell["defended"], cell["lambda_amp"], cell["lambda_attn"],
-            cell["split"], cell.get("variant", "reference"), cell.get("checkpoint", CLEAN_CHECKPOINT))  # fmt: skip
+            cell["split"], cell.get("variant", "reference"), cell.get("checkpoint", CLEAN_CHECKPOINT),
+            cell.get("protocol", 1))  # fmt: skip
 
 
 class Journal:
@@ -398,13 +437,14 @@ class Journal:
         lambdas = spec["lambdas"] if defended else (0.0, 0.0)
         return _key({**spec, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1], "split": spec.get("split", "test"),
                      "variant": spec.get("variant", "reference") if defended else "reference",
-                     "checkpoint": checkpoint_of(spec["encoder"], spec["sizes"])})  # fmt: skip
+                     "checkpoint": checkpoint_of(spec["encoder"], spec["sizes"]), "protocol": PROTOCOL})  # fmt: skip
 
     def run_many(self, specs: list[dict]) -> list[dict]:
         """The cells of ``specs`` (``run_cell`` arguments), from the journal or made now (in parallel with
         ``jobs > 1``), in the order given."""
         keys = [self.key_of(spec) for spec in specs]
         todo = {key: spec for key, spec in zip(keys, specs) if key not in self.cells}
+        prefetch_scans(todo.values())
         if self.jobs <= 1 or len(todo) <= 1:
             for key, spec in todo.items():
                 self._record(key, asdict(run_cell(**spec)))
@@ -721,21 +761,26 @@ def recipes_for(
 
 
 def planned_test_keys(
-    sizes: Sizes, lambdas, prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None
+    sizes: Sizes,
+    lambdas,
+    prefix_variant: str = "reference",
+    lora_variant: str = "reference",
+    lora_lambdas=None,
+    protocol: int = PROTOCOL,
 ) -> set[tuple]:
     """The journal keys of the test fine-tunes a full run makes with these choices: per seed every encoder (clean
     control and each attack) × PEFT type plus the task-specific and adaptive LoRA rows, undefended and with each of
-    [`recipes_for`]. Cells of earlier choices (other coefficients or recipes) stay in the journal and the tables but
-    are not part of the plan."""
+    [`recipes_for`], measured by ``protocol``. Cells of earlier choices (other coefficients or recipes) stay in the
+    journal and the tables but are not part of the plan."""
     keys = set()
     rows = [(e, p) for e in ("clean", *sizes.attacks) for p in sizes.pefts]
     rows += [("task-specific", "lora"), ("adaptive-por", "lora")]
     checkpoints = {encoder: checkpoint_of(encoder, sizes) for encoder, _ in rows}
     for seed in sizes.seeds:
         for encoder, peft in rows:
-            keys.add((encoder, peft, seed, False, 0.0, 0.0, "test", "reference", checkpoints[encoder]))
+            keys.add((encoder, peft, seed, False, 0.0, 0.0, "test", "reference", checkpoints[encoder], protocol))
             for variant, (amp, attn) in recipes_for(peft, lambdas, prefix_variant, lora_variant, lora_lambdas):
-                keys.add((encoder, peft, seed, True, amp, attn, "test", variant, checkpoints[encoder]))
+                keys.add((encoder, peft, seed, True, amp, attn, "test", variant, checkpoints[encoder], protocol))
     return keys
 
 
@@ -806,7 +851,8 @@ def write(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
     }
-    planned = planned_test_keys(sizes, lambdas, prefix_variant, lora_variant, lora_lambdas)
+    protocol = PROTOCOL if any(c.get("protocol", 1) == PROTOCOL for c in cells or []) else 1  # as `current_cells`
+    planned = planned_test_keys(sizes, lambdas, prefix_variant, lora_variant, lora_lambdas, protocol)
     done = planned & {_key(c) for c in cells or []}
     summary["test_cells_done"], summary["test_cells_planned"] = len(done), len(planned)
     summary["validation_cells"] = len(tuning)
@@ -843,8 +889,8 @@ def write(
         "",
         f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch} "
         f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
-        f"max length {sizes.max_length}; test: {sizes.eval_n} sentences, one clean and one triggered copy per "
-        f"trigger; seeds {list(sizes.seeds)}; attacks planted with {sizes.plant_steps} steps. Wall time "
+        f"max length {sizes.max_length}; test: {_measured(sizes, cells)}; seeds {list(sizes.seeds)}; attacks "
+        f"planted with {sizes.plant_steps} steps. Wall time "
         f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients chosen on the validation split: "
         f"λ_amp = {lambdas[0]:g}, λ_attn = {lambdas[1]:g}.",
         "",
@@ -939,6 +985,15 @@ def write(
     _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
 
 
+def _measured(sizes: Sizes, cells: list[dict] | None) -> str:
+    """How the tabulated cells were tested (`PROTOCOL`; an earlier journal's cells say so themselves)."""
+    cacc_n = {c.get("extra", {}).get("cacc_n") for c in cells or () if c.get("split") == "test"}
+    if not cells or any(c.get("protocol", 1) != PROTOCOL for c in cells) or len(cacc_n) != 1:
+        return f"{sizes.eval_n} sentences, one clean and one triggered copy per trigger"
+    return (f"CACC on {cacc_n.pop()} clean sentences; ASR on {sizes.eval_n} sentences, one clean and one triggered "
+            "copy per trigger")  # fmt: skip
+
+
 def _resumed(made: int | None, cells: list[dict] | None) -> str:
     """What a resumed run's wall time covers (``made``: the fine-tunes this process ran; ``None``: all of them)."""
     if made is None or cells is None:
@@ -1005,7 +1060,7 @@ def main() -> None:
         default=None,
         help="Training batches: of similar lengths in random order (default; less padding) or drawn at random.",
     )
-    parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default 300).")
+    parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default: Sizes.eval_n).")
     parser.add_argument(
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
     )
@@ -1053,11 +1108,12 @@ def main() -> None:
     if args.lr:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
     default_journal = args.journal is None and args.out == parser.get_default("out")
-    changed = [f"--{name}" for name in ("train", "epochs", "lr", "batch", "sampling") if getattr(args, name)]
+    names = ("train", "epochs", "lr", "batch", "sampling", "eval_n")
+    changed = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name)]
     if default_journal and changed and not args.quick and not args.summarise_only:
-        # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe: cells of
-        # another learning rate or length must not be paired with the committed ones.
-        parser.error(f"{' '.join(changed)} change the fine-tunes: give them their own --journal (or --out).")
+        # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe or the test
+        # set's size: cells of another learning rate or length must not be paired with the committed ones.
+        parser.error(f"{' '.join(changed)} change the cells: give them their own --journal (or --out).")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     start = time.time()
     if args.jobs is not None and args.jobs < 1:

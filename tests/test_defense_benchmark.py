@@ -49,6 +49,9 @@ def test_defense_benchmark_quick(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert "| por | lora |" in table and "## Validation split" in table and "BadPre, accuracy drop" in table
     assert out.with_suffix(".png").stat().st_size > 1000
+    journal = [json.loads(line) for line in out.with_name(out.name + "_cells.jsonl").read_text().splitlines()]
+    assert {c["protocol"] for c in journal} == {2} and {c["extra"]["cacc_n"] for c in journal} == {16}
+    assert "CACC on 16 clean sentences" in table
     # Resume: a second run reuses every finished cell.
     again = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--quick", "--resume", "--out", str(out)],
@@ -209,7 +212,7 @@ def test_consistency_variant_competes_on_validation():
     chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
     por = defense.checkpoint_of("por", sizes)
     assert len(chosen) == len(plain) + 6
-    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por) in chosen
+    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por, defense.PROTOCOL) in chosen
 
 
 def test_replanted_encoder_gets_its_own_journal_cells():
@@ -226,12 +229,52 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     moved = {**spec, "encoder_path": Path("/elsewhere/badpre-1")}
     assert defense.Journal.key_of(spec) == defense.Journal.key_of(moved)
     assert defense.Journal.key_of(spec) != defense.Journal.key_of({**spec, "sizes": old})
-    assert defense.Journal.key_of(spec)[-1] == defense.checkpoint_of("badpre", sizes)
+    assert defense.Journal.key_of(spec)[-2:] == (defense.checkpoint_of("badpre", sizes), defense.PROTOCOL)
     fresh, stale = _cell("lora", False, 0.7, 1.0, encoder="badpre"), _cell("lora", False, 0.7, 0.04, encoder="badpre")
     stale["checkpoint"] = defense.checkpoint_of("badpre", old)
     clean = {**_cell("lora", False, 0.7, 0.1, encoder="clean"), "checkpoint": "minilm"}
     assert defense.current_cells([fresh, stale, clean], sizes) == [fresh, clean]
     assert defense.current_cells([stale, clean], sizes) == [stale, clean]  # a journal of an earlier planting
+
+
+def test_cells_of_an_earlier_protocol_are_not_reused_or_tabulated():
+    """Cells measured another way (`PROTOCOL` 1: CACC on the 200 sentences with triggered copies) are not resumed or
+    mixed into the tables with cells of the current protocol; a journal of only such cells is tabulated as it is."""
+    defense = _defense_module()
+    sizes = defense.Sizes()
+    spec = dict(encoder="por", encoder_path=Path("/x/por"), peft="lora", seed=0, defended=False, lambdas=(0.0, 0.0),
+                sizes=sizes)  # fmt: skip
+    old = _cell("lora", False, 0.7, 1.0)  # no "protocol": an earlier journal's
+    new = {**_cell("lora", False, 0.72, 1.0), "protocol": defense.PROTOCOL, "extra": {"cacc_n": 1000}}
+    assert defense._key(old) != defense.Journal.key_of(spec) == defense._key(new)
+    assert defense.current_cells([old, new], sizes) == [new]
+    assert defense.current_cells([old], sizes) == [old]
+    assert "CACC on 1000 clean sentences; ASR on 200 sentences" in defense._measured(sizes, [new])
+    assert defense._measured(sizes, [old]).startswith("200 sentences, one clean")
+
+
+def test_trigger_scans_run_once_per_encoder_on_the_bare_encoder_before_the_cells(monkeypatch):
+    """`prefetch_scans` scans each encoder that a `scan-consistency` cell needs, once, on the encoder as loaded (no
+    PEFT wrapper), so the scan does not depend on which cell runs first."""
+    import torch
+
+    import hf_obliviate.models as models
+
+    defense = _defense_module()
+    loaded, scanned = [], []
+    monkeypatch.setattr(models, "load_classifier", lambda path: (loaded.append(path) or torch.nn.Linear(1, 1), "tok"))
+    monkeypatch.setattr(defense, "scanned_tokens", lambda path, model, tok, n: scanned.append((path, type(model), n)))
+    sizes = defense.Sizes()
+    spec = dict(encoder="por", encoder_path=Path("/x/por"), peft="lora", seed=0, sizes=sizes, lambdas=(0.0, 0.0))
+    scan = {"defended": True, "variant": "scan-consistency"}
+    defense.prefetch_scans([
+        {**spec, "defended": False}, {**spec, **scan}, {**spec, **scan, "peft": "adapter", "seed": 1},
+        {**spec, "peft": "prefix", "defended": True, "variant": "reference"},
+        {**spec, **scan, "encoder": "clean", "encoder_path": None},
+        {**spec, "encoder": "neuba", "encoder_path": Path("/x/neuba"), "defended": True, "variant": "reference"},
+    ])  # fmt: skip
+    assert loaded == [Path("/x/por"), None]
+    assert scanned == [(Path("/x/por"), torch.nn.Linear, sizes.scan_sentences), (None, torch.nn.Linear, 2)]
 
 
 def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():
