@@ -12,9 +12,7 @@ full-length cells of ``results/defense_cells.jsonl`` (split "validation"). Nothi
 
 Each process fine-tunes on one thread (as the benchmark's workers do on 2 cores); run two side by side there.
 
-Results of 2026-11-24: ``results/history/consistency-schedule/``,
-measured with ``defense.run_cell`` before ``defense.PROTOCOL`` 2 (CACC on the 200 validation sentences with
-triggered copies; it is now over all 500).
+Results of 2026-11-24: ``results/history/consistency-schedule/``.
 """
 
 from __future__ import annotations

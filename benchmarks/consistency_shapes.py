@@ -22,9 +22,7 @@ Shapes (``--shape``):
 ``--lr`` overrides the fine-tunes' learning rate (every PEFT type). Each process fine-tunes on one thread (as the
 benchmark's workers do on 2 cores); run two side by side there. Nothing here changes the library.
 
-Results of 2026-11-24: ``results/history/consistency-shapes/``,
-measured with ``defense.run_cell`` before ``defense.PROTOCOL`` 2 (CACC on the 200 validation sentences with
-triggered copies; it is now over all 500).
+Results of 2026-11-24: ``results/history/consistency-shapes/``.
 """
 
 from __future__ import annotations

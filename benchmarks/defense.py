@@ -105,11 +105,12 @@ class Sizes:
     # runs each longest first (a curriculum): 1.46x faster, but validation CACC on POR fell from 0.745 to 0.690.
     sampling: str = "bucketed"
     bucket_batches: int = 8
-    eval_n: int = 200  # test sentences with triggered copies (ASR); CACC is over `cacc_n` clean ones
+    eval_n: int = 200  # test sentences, each with one triggered copy per trigger (ASR; CACC too unless `cacc_n`)
     val_n: int = 200
-    # Clean sentences CACC is measured on, at most the whole split (test 1000, validation 500). On 200 a CACC near 0.7
-    # has a standard error of 3.2 points, twice the 1.5-point floor; on 1000 it is 1.4. Costs about 4 s a cell.
-    cacc_n: int = 1000
+    # Clean sentences to measure CACC on instead (`--cacc-n`; at most the whole split: test 1000, validation 500).
+    # On 200 a CACC near 0.7 has a standard error of 3.2 points, twice the 1.5-point floor; on 1000, 1.4. About 4 s a
+    # cell. A run with it (`protocol_of` 2) has its own journal cells: results/history/cacc-1000/ is one.
+    cacc_n: int | None = None
     plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
@@ -140,11 +141,11 @@ QUICK = Sizes(
 )  # fmt: skip
 
 
-# How a cell is measured. 1: CACC on the `eval_n` sentences that also have triggered copies, the trigger scan on the
-# model of an encoder's first scan-consistency cell. 2 (2026-11-24): CACC on `cacc_n` clean sentences, the scan on
-# the bare encoder before any cell runs (`prefetch_scans`). Cells of another protocol stay in a journal but out of
-# the tables and are not reused.
-PROTOCOL = 2
+def protocol_of(sizes: Sizes) -> int:
+    """How cells of these sizes are measured: 1, CACC on the `eval_n` (`val_n`) sentences that also have triggered
+    copies (the committed tables); 2, CACC on `cacc_n` clean sentences of the split. A journal key holds it: cells of
+    the other protocol are not reused, and `current_cells` keeps them out of the tables."""
+    return 1 if sizes.cacc_n is None else 2
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Cell:
     extra: dict = field(default_factory=dict)
     sampling: str = "random"  # the training sampler (`Sizes.sampling`; journal cells without it used "random")
     checkpoint: str = CLEAN_CHECKPOINT  # `checkpoint_of`: a re-planted attack is another encoder, with its own cells
-    protocol: int = 1  # how the cell was measured (`PROTOCOL`; journal cells without it: 1)
+    protocol: int = 1  # how the cell was measured (`protocol_of`; journal cells without it: 1)
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -228,9 +229,10 @@ def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
     """The journal cells to tabulate: of an encoder that has cells fine-tuned from the checkpoint these sizes plant
     (`checkpoint_of`), only those (a cell of the encoder planted with other settings stays in the file but out of the
     tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/).
-    A journal with cells of the current `PROTOCOL` is tabulated from those alone."""
-    if any(c.get("protocol", 1) == PROTOCOL for c in cells):  # else an earlier run's journal: tabulate it as it is
-        cells = [c for c in cells if c.get("protocol", 1) == PROTOCOL]
+    A journal with cells measured as these sizes measure them (`protocol_of`) is tabulated from those alone."""
+    protocol = protocol_of(sizes)
+    if any(c.get("protocol", 1) == protocol for c in cells):  # else an earlier run's journal: tabulate it as it is
+        cells = [c for c in cells if c.get("protocol", 1) == protocol]
     current = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
     planted_now = {c["encoder"] for c in cells if c.get("checkpoint") == current[c["encoder"]]}
     return [c for c in cells if c["encoder"] not in planted_now or c.get("checkpoint") == current[c["encoder"]]]
@@ -372,11 +374,16 @@ def run_cell(
 
         kwargs["consistency_pool"] = rare_token_pool(tokenizer, exclude=sorted({*triggers, *DEFAULT_TRIGGERS}))
     fine_tune(model, tokenizer, train, args, max_length=sizes.max_length, **kwargs)
-    split_size = len(load_movie_reviews(split))
-    clean = load_movie_reviews(split, n=min(sizes.cacc_n, split_size), seed=0)
-    preds, classes = predict_labels(model, tokenizer, [e["text"] for e in clean])
-    cacc = accuracy([e["label"] for e in clean], preds)
-    near_chance = is_near_chance(cacc, max(classes, 2), preds=preds)
+    own_cacc = {}
+    if sizes.cacc_n is not None:  # protocol 2
+        clean = load_movie_reviews(split, n=min(sizes.cacc_n, len(load_movie_reviews(split))), seed=0)
+        preds, classes = predict_labels(model, tokenizer, [e["text"] for e in clean])
+        cacc = accuracy([e["label"] for e in clean], preds)
+        own_cacc = {
+            "cacc_n": len(clean),
+            "cacc": cacc,
+            "near_chance": is_near_chance(cacc, max(classes, 2), preds=preds),
+        }
     eval_examples = load_movie_reviews(split, n=sizes.val_n if split == "validation" else sizes.eval_n, seed=0)
     eval_set = build_eval_set(eval_examples, triggers=triggers, n=None, seed=1234, spread=spread)
     targets = None
@@ -393,10 +400,12 @@ def run_cell(
         metric, score = "asr", result.asr
     return Cell(
         encoder=encoder, peft=peft, seed=seed, defended=defended, lambda_amp=lambda_amp, lambda_attn=lambda_attn,
-        cacc=cacc, asr=score, metric=metric, near_chance=near_chance,
+        cacc=own_cacc.get("cacc", result.cacc), asr=score, metric=metric,
+        near_chance=own_cacc.get("near_chance", result.near_chance),
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
-        sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=PROTOCOL,
-        extra={"cacc_n": len(clean), "asr_set_cacc": result.cacc, "asr_set_near_chance": result.near_chance,
+        sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=protocol_of(sizes),
+        extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
+                   "asr_set_near_chance": result.near_chance} if own_cacc else {}),
                "lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
                "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
     )  # fmt: skip
@@ -437,7 +446,8 @@ class Journal:
         lambdas = spec["lambdas"] if defended else (0.0, 0.0)
         return _key({**spec, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1], "split": spec.get("split", "test"),
                      "variant": spec.get("variant", "reference") if defended else "reference",
-                     "checkpoint": checkpoint_of(spec["encoder"], spec["sizes"]), "protocol": PROTOCOL})  # fmt: skip
+                     "checkpoint": checkpoint_of(spec["encoder"], spec["sizes"]),
+                     "protocol": protocol_of(spec["sizes"])})  # fmt: skip
 
     def run_many(self, specs: list[dict]) -> list[dict]:
         """The cells of ``specs`` (``run_cell`` arguments), from the journal or made now (in parallel with
@@ -766,13 +776,13 @@ def planned_test_keys(
     prefix_variant: str = "reference",
     lora_variant: str = "reference",
     lora_lambdas=None,
-    protocol: int = PROTOCOL,
+    protocol: int | None = None,
 ) -> set[tuple]:
     """The journal keys of the test fine-tunes a full run makes with these choices: per seed every encoder (clean
     control and each attack) × PEFT type plus the task-specific and adaptive LoRA rows, undefended and with each of
-    [`recipes_for`], measured by ``protocol``. Cells of earlier choices (other coefficients or recipes) stay in the
-    journal and the tables but are not part of the plan."""
-    keys = set()
+    [`recipes_for`], measured by ``protocol`` (default: `protocol_of` the sizes). Cells of earlier choices (other
+    coefficients or recipes) stay in the journal and the tables but are not part of the plan."""
+    keys, protocol = set(), protocol or protocol_of(sizes)
     rows = [(e, p) for e in ("clean", *sizes.attacks) for p in sizes.pefts]
     rows += [("task-specific", "lora"), ("adaptive-por", "lora")]
     checkpoints = {encoder: checkpoint_of(encoder, sizes) for encoder, _ in rows}
@@ -851,7 +861,8 @@ def write(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
     }
-    protocol = PROTOCOL if any(c.get("protocol", 1) == PROTOCOL for c in cells or []) else 1  # as `current_cells`
+    protocol = protocol_of(sizes)
+    protocol = protocol if any(c.get("protocol", 1) == protocol for c in cells or []) else 1  # as `current_cells`
     planned = planned_test_keys(sizes, lambdas, prefix_variant, lora_variant, lora_lambdas, protocol)
     done = planned & {_key(c) for c in cells or []}
     summary["test_cells_done"], summary["test_cells_planned"] = len(done), len(planned)
@@ -986,9 +997,9 @@ def write(
 
 
 def _measured(sizes: Sizes, cells: list[dict] | None) -> str:
-    """How the tabulated cells were tested (`PROTOCOL`; an earlier journal's cells say so themselves)."""
+    """How the tabulated cells were tested (`protocol_of`)."""
     cacc_n = {c.get("extra", {}).get("cacc_n") for c in cells or () if c.get("split") == "test"}
-    if not cells or any(c.get("protocol", 1) != PROTOCOL for c in cells) or len(cacc_n) != 1:
+    if not cells or any(c.get("protocol", 1) != 2 for c in cells) or len(cacc_n) != 1:
         return f"{sizes.eval_n} sentences, one clean and one triggered copy per trigger"
     return (f"CACC on {cacc_n.pop()} clean sentences; ASR on {sizes.eval_n} sentences, one clean and one triggered "
             "copy per trigger")  # fmt: skip
@@ -1060,7 +1071,15 @@ def main() -> None:
         default=None,
         help="Training batches: of similar lengths in random order (default; less padding) or drawn at random.",
     )
-    parser.add_argument("--eval-n", type=int, default=None, help="Test sentences per cell (default: Sizes.eval_n).")
+    parser.add_argument(
+        "--eval-n", type=int, default=None, help="Test sentences with triggered copies per cell (default 200)."
+    )
+    parser.add_argument(
+        "--cacc-n",
+        type=int,
+        default=None,
+        help="Measure CACC on this many clean sentences (default: the --eval-n ones).",
+    )
     parser.add_argument(
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
     )
@@ -1103,12 +1122,14 @@ def main() -> None:
         sizes.variant_grids = dict(VARIANT_GRIDS)
     if args.eval_n:
         sizes.eval_n = args.eval_n
+    if args.cacc_n:
+        sizes.cacc_n = args.cacc_n
     if args.plant_steps:
         sizes.plant_steps = args.plant_steps
     if args.lr:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
     default_journal = args.journal is None and args.out == parser.get_default("out")
-    names = ("train", "epochs", "lr", "batch", "sampling", "eval_n")
+    names = ("train", "epochs", "lr", "batch", "sampling", "eval_n", "cacc_n")
     changed = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name)]
     if default_journal and changed and not args.quick and not args.summarise_only:
         # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe or the test

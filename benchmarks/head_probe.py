@@ -12,8 +12,7 @@ scanned tokens). One JSON line per cell goes to ``--out``.
     python benchmarks/head_probe.py --defended --cells por:lora:0 --lam 0.3      # scan-consistency at λ 0.3
 
 Each process fine-tunes on one thread (as the benchmark's workers on 2 cores); run two side by side there. Nothing
-here changes the library. Results of 2026-11-24: ``results/history/head-probe/``, measured with ``defense.run_cell``
-before ``defense.PROTOCOL`` 2 (CACC on the 200 validation sentences with triggered copies; it is now over all 500).
+here changes the library. Results of 2026-11-24: ``results/history/head-probe/``.
 """
 
 from __future__ import annotations

@@ -212,7 +212,7 @@ def test_consistency_variant_competes_on_validation():
     chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
     por = defense.checkpoint_of("por", sizes)
     assert len(chosen) == len(plain) + 6
-    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por, defense.PROTOCOL) in chosen
+    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por, 1) in chosen
 
 
 def test_replanted_encoder_gets_its_own_journal_cells():
@@ -229,7 +229,7 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     moved = {**spec, "encoder_path": Path("/elsewhere/badpre-1")}
     assert defense.Journal.key_of(spec) == defense.Journal.key_of(moved)
     assert defense.Journal.key_of(spec) != defense.Journal.key_of({**spec, "sizes": old})
-    assert defense.Journal.key_of(spec)[-2:] == (defense.checkpoint_of("badpre", sizes), defense.PROTOCOL)
+    assert defense.Journal.key_of(spec)[-2:] == (defense.checkpoint_of("badpre", sizes), 1)
     fresh, stale = _cell("lora", False, 0.7, 1.0, encoder="badpre"), _cell("lora", False, 0.7, 0.04, encoder="badpre")
     stale["checkpoint"] = defense.checkpoint_of("badpre", old)
     clean = {**_cell("lora", False, 0.7, 0.1, encoder="clean"), "checkpoint": "minilm"}
@@ -237,19 +237,23 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     assert defense.current_cells([stale, clean], sizes) == [stale, clean]  # a journal of an earlier planting
 
 
-def test_cells_of_an_earlier_protocol_are_not_reused_or_tabulated():
-    """Cells measured another way (`PROTOCOL` 1: CACC on the 200 sentences with triggered copies) are not resumed or
-    mixed into the tables with cells of the current protocol; a journal of only such cells is tabulated as it is."""
+def test_cells_measured_another_way_are_not_reused_or_tabulated_together():
+    """Cells with CACC on `cacc_n` clean sentences (protocol 2) and cells with CACC on the 200 sentences that have
+    triggered copies (protocol 1, the default) are not resumed for each other or tabled together; a journal of only
+    the other kind is tabulated as it is."""
     defense = _defense_module()
-    sizes = defense.Sizes()
+    sizes, wide = defense.Sizes(), defense.Sizes(cacc_n=1000)
+    assert (defense.protocol_of(sizes), defense.protocol_of(wide)) == (1, 2)
     spec = dict(encoder="por", encoder_path=Path("/x/por"), peft="lora", seed=0, defended=False, lambdas=(0.0, 0.0),
-                sizes=sizes)  # fmt: skip
-    old = _cell("lora", False, 0.7, 1.0)  # no "protocol": an earlier journal's
-    new = {**_cell("lora", False, 0.72, 1.0), "protocol": defense.PROTOCOL, "extra": {"cacc_n": 1000}}
+                sizes=wide)  # fmt: skip
+    old = _cell("lora", False, 0.7, 1.0)  # no "protocol": 1
+    new = {**_cell("lora", False, 0.72, 1.0), "protocol": 2, "extra": {"cacc_n": 1000}}
     assert defense._key(old) != defense.Journal.key_of(spec) == defense._key(new)
-    assert defense.current_cells([old, new], sizes) == [new]
-    assert defense.current_cells([old], sizes) == [old]
-    assert "CACC on 1000 clean sentences; ASR on 200 sentences" in defense._measured(sizes, [new])
+    assert defense._key(old) == defense.Journal.key_of({**spec, "sizes": sizes})
+    assert defense.current_cells([old, new], wide) == [new]
+    assert defense.current_cells([old, new], sizes) == [old]
+    assert defense.current_cells([new], sizes) == [new]
+    assert "CACC on 1000 clean sentences; ASR on 200 sentences" in defense._measured(wide, [new])
     assert defense._measured(sizes, [old]).startswith("200 sentences, one clean")
 
 
