@@ -225,14 +225,20 @@ def checkpoint_of(encoder: str, sizes: Sizes) -> str:
     return f"{encoder}-{config_hash(*_attack_config(encoder, sizes), CLEAN_CHECKPOINT)}"
 
 
+def tabulated_protocol(cells: list[dict], sizes: Sizes) -> int:
+    """The protocol a journal's tables show: that of these sizes (`protocol_of`) when the journal has cells of it,
+    else that of its cells (an earlier run's journal, tabulated as it is)."""
+    own, found = protocol_of(sizes), {c.get("protocol", 1) for c in cells}
+    return found.pop() if own not in found and len(found) == 1 else own
+
+
 def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
     """The journal cells to tabulate: of an encoder that has cells fine-tuned from the checkpoint these sizes plant
     (`checkpoint_of`), only those (a cell of the encoder planted with other settings stays in the file but out of the
     tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/).
-    A journal with cells measured as these sizes measure them (`protocol_of`) is tabulated from those alone."""
-    protocol = protocol_of(sizes)
-    if any(c.get("protocol", 1) == protocol for c in cells):  # else an earlier run's journal: tabulate it as it is
-        cells = [c for c in cells if c.get("protocol", 1) == protocol]
+    Of the journal's cells, those of `tabulated_protocol`."""
+    protocol = tabulated_protocol(cells, sizes)
+    cells = [c for c in cells if c.get("protocol", 1) == protocol]
     current = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
     planted_now = {c["encoder"] for c in cells if c.get("checkpoint") == current[c["encoder"]]}
     return [c for c in cells if c["encoder"] not in planted_now or c.get("checkpoint") == current[c["encoder"]]]
@@ -861,8 +867,7 @@ def write(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
     }
-    protocol = protocol_of(sizes)
-    protocol = protocol if any(c.get("protocol", 1) == protocol for c in cells or []) else 1  # as `current_cells`
+    protocol = tabulated_protocol(cells or [], sizes)
     planned = planned_test_keys(sizes, lambdas, prefix_variant, lora_variant, lora_lambdas, protocol)
     done = planned & {_key(c) for c in cells or []}
     summary["test_cells_done"], summary["test_cells_planned"] = len(done), len(planned)

@@ -253,6 +253,7 @@ def test_cells_measured_another_way_are_not_reused_or_tabulated_together():
     assert defense.current_cells([old, new], wide) == [new]
     assert defense.current_cells([old, new], sizes) == [old]
     assert defense.current_cells([new], sizes) == [new]
+    assert defense.tabulated_protocol([new], sizes) == 2  # a protocol-2 journal summarised without --cacc-n
     assert "CACC on 1000 clean sentences; ASR on 200 sentences" in defense._measured(wide, [new])
     assert defense._measured(sizes, [old]).startswith("200 sentences, one clean")
 
