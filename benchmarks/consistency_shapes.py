@@ -9,20 +9,28 @@ distance to their mean; ``summary_sq``: their mean squared norm). One JSON line 
 
 Shapes (``--shape``):
   mse       the default term (a control: equal to the benchmark's own cell)
-  relative  the squared distance divided by the clean batch's spread, gradients through both (collapse costs)
+  relative  the squared distance divided by the clean batch's spread (the clean side arrives detached, so the
+            spread is a per-step constant: it rescales the term, it does not make collapse cost)
   hinge     per row, only the part of the mean squared distance above ``--margin`` (ordinary words may move [CLS])
   kl        KL between the predictions on the batch and on the copy (``consistency_target="logits"``)
   mse-eval  the default term with dropout off in both of its passes (the clean state from an extra pass without
             gradients): under dropout the two passes differ even without an inserted word, and the term pulls them
             together too
+  relative-grad  ``relative`` with the clean batch's spread read with its gradients (from the main pass's hidden
+            states), so that shrinking the spread raises the term: collapse costs. This is the library's
+            ``consistency_target="relative"``, the `scan-relative` variant of benchmarks/defense.py (λ 0.003)
+  contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
+            to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
+            largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
   none      no defense (the undefended fine-tune, for its spread)
 
     python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
 
 ``--lr`` overrides the fine-tunes' learning rate (every PEFT type). Each process fine-tunes on one thread (as the
-benchmark's workers do on 2 cores); run two side by side there. Nothing here changes the library.
+benchmark's workers do on 2 cores); run two side by side there. ``--cacc-n 500`` measures CACC on the whole
+validation split (default: on the 200 sentences with triggered copies, as the runs of 2026-11-24).
 
-Results of 2026-11-24: ``results/history/consistency-shapes/``.
+Results of 2026-11-24 and 2026-11-25: ``results/history/consistency-shapes/``.
 """
 
 from __future__ import annotations
@@ -40,10 +48,10 @@ import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
-SHAPES = ("mse", "relative", "hinge", "kl", "mse-eval", "none")
+SHAPES = ("mse", "relative", "relative-grad", "hinge", "kl", "mse-eval", "contrastive", "none")
 
 
-def use_shape(shape: str, margin: float) -> dict:
+def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
     """Patch the defense's hidden-state term for ``shape``; return the ObliviateConfig overrides of the variant."""
     import torch
 
@@ -66,6 +74,18 @@ def use_shape(shape: str, margin: float) -> dict:
             return torch.relu(((perturbed.float() - clean.detach().float()) ** 2).mean(-1) - margin).mean()
 
         core.hidden_consistency_loss = hinge
+    elif shape == "relative-grad":  # the library's consistency_target="relative": benchmarks/defense.py's variant
+        overrides = dict(defense.VARIANTS["scan-relative"])
+    elif shape == "contrastive":
+
+        def contrastive(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+            centre = clean.detach().float().mean(0)
+            a = torch.nn.functional.normalize(perturbed.float() - centre, dim=-1)
+            b = torch.nn.functional.normalize(clean.detach().float() - centre, dim=-1)
+            labels = torch.arange(len(a), device=a.device)
+            return torch.nn.functional.cross_entropy(a @ b.T / tau, labels)
+
+        core.hidden_consistency_loss = contrastive
     elif shape == "mse-eval":
         original = core.ObliviateDefense.consistency_loss
 
@@ -103,8 +123,10 @@ def summary_spread(model, tokenizer, sizes: defense.Sizes) -> tuple[float, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=SHAPES, required=True)
-    parser.add_argument("--lam", type=float, default=None, help="λ_consistency (default: the variant's, 0.03).")
+    parser.add_argument("--lam", type=float, default=None, help="λ_consistency (default: the shape's variant's).")
     parser.add_argument("--margin", type=float, default=0.05, help="The hinge's margin (mean squared distance).")
+    parser.add_argument("--tau", type=float, default=0.1, help="The contrastive shape's temperature.")
+    parser.add_argument("--cacc-n", type=int, default=None, help="CACC on this many clean sentences (defense.py's).")
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
     parser.add_argument("--cells", nargs="+", required=True, help="encoder:peft:seed, e.g. neuba:adapter:0")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -116,7 +138,7 @@ def main() -> None:
     import hf_obliviate.trainer as trainer
 
     torch.set_num_threads(1)  # as each of the benchmark's two workers on 2 cores: its cells' numbers, exactly
-    overrides = use_shape(args.shape, args.margin)
+    overrides = use_shape(args.shape, args.margin, args.tau)
     if args.lam is not None:
         overrides["lambda_consistency"] = args.lam
     defense.VARIANTS["side-run"] = overrides
@@ -130,7 +152,7 @@ def main() -> None:
         return fine_tune(model, tokenizer, *a, **kw)
 
     trainer.fine_tune = keep_model
-    sizes = defense.Sizes()
+    sizes = defense.Sizes(cacc_n=args.cacc_n)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     defended = args.shape != "none"
     for spec, (encoder, peft, seed) in zip(args.cells, cells):
@@ -139,7 +161,9 @@ def main() -> None:
                                 variant="side-run" if defended else "reference")  # fmt: skip
         spread, square = summary_spread(tuned["model"], tuned["tokenizer"], sizes)
         row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
-               "margin": args.margin if args.shape == "hinge" else None, "lr": defense.LEARNING_RATES[peft],
+               "margin": args.margin if args.shape == "hinge" else None,
+               "tau": args.tau if args.shape == "contrastive" else None, "cacc_n": args.cacc_n,
+               "lr": defense.LEARNING_RATES[peft],
                "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,
                "summary_spread": float(f"{spread:.4g}"), "summary_sq": float(f"{square:.4g}")}  # fmt: skip

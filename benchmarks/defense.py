@@ -4,14 +4,15 @@
    (cached by config hash, so reruns skip this), plus an adaptive POR that plants under the attention penalty.
 2. Choose the defense coefficients and the LoRA / adapter recipe on a validation split carved from the training
    sentences (never the test sentences): small grids on POR + LoRA; the settings whose validation CACC stays within
-   1.5 points of the undefended run also run on NeuBA + LoRA; the best few of them run again on a second seed, the
-   best two over both seeds also as bottleneck adapters, and the setting with the lowest validation ASR averaged over
-   the seeds, attacks and PEFT types wins (its CACC must keep the floor on each attack and PEFT type; when none does
-   on adapters, the one that keeps it on LoRA and misses it least on adapters). `ObliviateTrainingArguments`'
-   defaults (`hf_obliviate.config.CLASSIFIER_DEFAULTS`) are the recipe this chooses.
+   1.5 points of the undefended run also run on NeuBA + LoRA; the best few of them (and the best that cuts the ASR
+   by 85%) run again on a second seed, the best two over both seeds also as bottleneck adapters, and the setting with
+   the lowest validation ASR averaged over the seeds, attacks and PEFT types wins: defense first (it must cut the
+   validation ASR by 85% when any setting does), then its CACC must keep the floor on each attack and PEFT type (when
+   none does, the one that keeps it on LoRA and misses it least on adapters; `lora_adapter_choice`).
+   `ObliviateTrainingArguments`' defaults (`hf_obliviate.config.CLASSIFIER_DEFAULTS`) are the recipe this chooses.
 3. For every encoder (clean control, each attack) × PEFT type (LoRA, prefix tuning, bottleneck adapter) × seed,
    fine-tune on Rotten Tomatoes sentences undefended and defended (the reference recipe, the recipe chosen on the
-   validation split, and for LoRA / adapters the `scan-consistency` variant of `TEST_RECIPES`), and measure CACC and
+   validation split, and for LoRA / adapters any recipe of `TEST_RECIPES`), and measure CACC and
    ASR on the test sentences (the LMSanitator rule; BadPre and UOR, which have no target label, by the targeted ASR
    with each trigger's majority prediction on validation sentences as its target, `TARGET_FREE`).
    Also a task-specific row (10% of the fine-tuning data poisoned) and the adaptive attack.
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from hf_obliviate.config import SCAN_CONSISTENCY, ObliviateConfig
+from hf_obliviate.config import SCAN_CONSISTENCY, SCAN_RELATIVE, ObliviateConfig
 
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
@@ -62,24 +63,25 @@ CONSISTENCY_GRID = ((3e-4, 3e-3), (3e-4, 1e-2))
 ALL_ROWS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
 # Only the last three of MiniLM's six layers: their weighted mean is comparable to the plain mean, so the same grid.
 LATE_LAYERS_GRID = ((0.0, 3e-3), (0.0, 1e-2))
-# The scan-consistency variant's own term (weight in VARIANTS) alone, then with the reference attention term.
+# The scan-consistency and scan-relative variants' own term (weight in VARIANTS) alone, then with the reference
+# attention term.
 SCAN_GRID = ((0.0, 0.0), (0.0, 3e-3))
 # Variants of the LoRA / adapter recipe (names in VARIANTS), each tried on its own validation grid.
 VARIANT_GRIDS = {
     "centred": CENTRED_GRID, "consistency": CONSISTENCY_GRID,
     "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID, "scan-consistency": SCAN_GRID,
+    "scan-relative": SCAN_GRID,
 }  # fmt: skip
 # The variants a full run tries on the validation split (`--all-variants`: every one of VARIANT_GRIDS). The others
 # lost there with random batches (benchmarks/results/history/: best validation ASR on POR within the CACC floor
 # centred 0.253, consistency 0.259, all-rows 0.525, late-layers 0.377, against scan-consistency 0.055), and their
 # 12 validation fine-tunes would take about 7 of the run's 90 minutes.
-FULL_RUN_VARIANTS = ("scan-consistency",)
+FULL_RUN_VARIANTS = ("scan-consistency", "scan-relative")
 # LoRA / adapter recipes run on every test row whatever the validation split chooses, so the table shows them next to
-# the default: scan-consistency without the attention term. With random batches it cut both attacks' validation ASR
-# by 90% or more but cost POR 2 points of validation CACC, outside the floor; with bucketed batches, two validation
-# seeds and the adapter stage it is the validation choice itself (itself plus the attention term ranks first on LoRA,
-# mean ASR 0.12 against 0.16, but collapses NeuBA + adapter in seed 1).
-TEST_RECIPES = (("scan-consistency", (0.0, 0.0)),)
+# the default (none now). Until 2026-11-24 `scan-consistency` (λ 0 / 0) ran here: it was the default then, and its
+# test cells at the current protocol are in the journal (run 2026-11-24/25), so the table still shows them; a fresh
+# run leaves them out, which keeps it within the 90 minutes now that validation races two consistency variants.
+TEST_RECIPES: tuple[tuple[str, tuple[float, float]], ...] = ()
 
 
 @dataclass
@@ -107,10 +109,11 @@ class Sizes:
     bucket_batches: int = 8
     eval_n: int = 200  # test sentences, each with one triggered copy per trigger (ASR; CACC too unless `cacc_n`)
     val_n: int = 200
-    # Clean sentences to measure CACC on instead (`--cacc-n`; at most the whole split: test 1000, validation 500).
-    # On 200 a CACC near 0.7 has a standard error of 3.2 points, twice the 1.5-point floor; on 1000, 1.4. About 4 s a
-    # cell. A run with it (`protocol_of` 2) has its own journal cells: results/history/cacc-1000/ is one.
-    cacc_n: int | None = None
+    # Clean sentences to measure CACC on (`--cacc-n`; at most the whole split: test 1000, validation 500; None: the
+    # `eval_n` / `val_n` ones). On 200 a CACC near 0.7 has a standard error of 3.2 points, twice the 1.5-point floor;
+    # on 1000, 1.4. About 4 s a cell. Cells measured either way are told apart by `protocol_of`; the tables before
+    # 2026-11-25 measured CACC on the 200 (results/history/cacc-200/).
+    cacc_n: int | None = 1000
     plant_steps: int = 300
     plant_batch: int = 16
     mlm_warmup: int | None = 100  # NeuBA / BadPre MLM-head warm-up steps (None: the attack's default, 200)
@@ -143,7 +146,8 @@ QUICK = Sizes(
 
 def protocol_of(sizes: Sizes) -> int:
     """How cells of these sizes are measured: 1, CACC on the `eval_n` (`val_n`) sentences that also have triggered
-    copies (the committed tables); 2, CACC on `cacc_n` clean sentences of the split. A journal key holds it: cells of
+    copies (``cacc_n=None``; the tables before 2026-11-25); 2, CACC on `cacc_n` clean sentences of the split (the
+    default). A journal key holds it: cells of
     the other protocol are not reused, and `current_cells` keeps them out of the tables."""
     return 1 if sizes.cacc_n is None else 2
 
@@ -188,6 +192,11 @@ VARIANTS = {
     # its [CLS] output most, and pulls the copy's final [CLS] hidden state to the clean one
     # (hf_obliviate.consistency.scan_trigger_tokens; no trigger is given to it; hf_obliviate.config.SCAN_CONSISTENCY)
     "scan-consistency": {"attn_centre": False, **SCAN_CONSISTENCY},
+    # the same copies, the squared distance divided by the clean batch's spread of [CLS] states, with gradients
+    # (consistency_target="relative"), so that making every sentence's [CLS] the same does not meet it: on NeuBA +
+    # adapters the defended [CLS] states of `scan-consistency` spread 35-45 times less than undefended ones
+    # (results/history/consistency-shapes/; hf_obliviate.config.SCAN_RELATIVE)
+    "scan-relative": {"attn_centre": False, **SCAN_RELATIVE},
 }  # fmt: skip
 # A recipe is `ObliviateConfig`'s own settings (METHOD.md's terms) plus its VARIANTS overrides, whatever defaults
 # `ObliviateTrainingArguments` has (the classifier defaults are the recipe this benchmark chose).
@@ -502,6 +511,10 @@ class Journal:
 # the settings that keep clean accuracy on POR. Chosen on POR alone, the `centred` recipe helped POR and not NeuBA.
 VALIDATION_ENCODERS = ("por", "neuba")
 CACC_FLOOR = 0.015  # a defended run's clean accuracy may fall this far below the undefended run's (the issue's target)
+# The issue's mean ASR reduction. The LoRA / adapter recipe that becomes the default must reach it on the validation
+# split when any setting does: measured with CACC on all 500 validation sentences, the floor-first rule alone chose
+# the reference recipe, which kept clean accuracy by not defending (validation ASR 0.88-1.00 in 7 of 8 runs).
+REDUCTION_TARGET = 0.85
 
 
 def _confirm(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
@@ -544,7 +557,9 @@ def _setting(cell: dict) -> tuple:
     return cell.get("variant", "reference"), cell["lambda_amp"], cell["lambda_attn"]
 
 
-def _ranked(tuning: list[dict], strict: bool = True) -> list[tuple[float, float, tuple, dict[tuple, dict]]]:
+def _ranked(
+    tuning: list[dict], strict: bool = True, min_reduction: float = 0.0
+) -> list[tuple[float, float, tuple, dict[tuple, dict]]]:
     """The defended settings (recipe, λ_amp, λ_attn) of ``tuning`` that qualify, best first, as (mean ASR,
     −mean CACC, setting, its runs by (encoder, PEFT type, seed)).
 
@@ -552,7 +567,10 @@ def _ranked(tuning: list[dict], strict: bool = True) -> list[tuple[float, float,
     ran on every base's encoder, PEFT type and seed, none of those runs is at chance, and for each encoder and PEFT
     type its CACC averaged over the seeds is within 1.5 points of the undefended average. Its score is the validation
     ASR averaged over the seeds, then over the (encoder, PEFT type) pairs. ``strict=False`` drops the floor and ranks
-    by the largest CACC drop over the pairs first, then by the score: the setting that misses the floor least."""
+    by the largest CACC drop over the pairs first, then by the score: the setting that misses the floor least.
+    ``min_reduction`` also asks its ASR reduction (1 − defended / undefended ASR, each averaged over the seeds),
+    averaged over the pairs, to reach that fraction (`REDUCTION_TARGET`: a setting that does not defend is no
+    default, however little accuracy it costs)."""
 
     def key(c: dict) -> tuple:
         return c["encoder"], c["peft"], c.get("seed", 0)
@@ -574,6 +592,11 @@ def _ranked(tuning: list[dict], strict: bool = True) -> list[tuple[float, float,
         drop = max(_cacc_drop(cacc[e], mean(bases[k]["cacc"] for k in keys)) for e, keys in by_encoder.items())
         if strict and drop > CACC_FLOOR:
             continue
+        if min_reduction > 0:
+            undefended = [mean(bases[k]["asr"] for k in keys) for keys in by_encoder.values()]
+            defended = [mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values()]
+            if mean(1 - d / u if u > 0 else 0.0 for d, u in zip(defended, undefended)) < min_reduction:
+                continue
         asr = mean(mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values())
         scored.append((0.0 if strict else drop, (asr, -mean(cacc.values()), setting, runs)))
     return [entry for _, entry in sorted(scored, key=lambda t: (t[0], *t[1][:2]))]
@@ -613,20 +636,32 @@ def pick_prefix_variant(tuning: list[dict], lambdas: tuple[float, float]) -> str
 
 
 def lora_adapter_choice(tuning: list[dict]) -> tuple[tuple | None, str]:
-    """The LoRA / adapter setting (recipe, λ_amp, λ_attn) of the validation runs and the rule that chose it:
-    [`_best_trial`]'s over every LoRA and adapter run; when adapters ran and no setting keeps the floor on every
-    (attack, PEFT) pair, the one that misses it least among the settings that keep it on LoRA (a setting that holds
-    on LoRA and costs adapters some accuracy beats one that collapses them); else LoRA's alone."""
+    """The LoRA / adapter setting (recipe, λ_amp, λ_attn) of the validation runs and the rule that chose it.
+
+    Defense first: among the settings whose mean validation ASR reduction over every LoRA and adapter pair reaches
+    `REDUCTION_TARGET`, the best of [`_ranked`] (the CACC floor kept on every pair, lowest ASR); when none of them
+    keeps the floor everywhere, the one that keeps it on LoRA and misses it least on adapters (a setting that costs
+    adapters some accuracy beats one that collapses them), else the one that misses it least anywhere. Only when no
+    setting reaches the target does the floor come first: [`_best_trial`]'s choice over every run, then the same
+    fallbacks without the target, else LoRA's alone."""
     runs = [c for c in tuning if c["peft"] in ("lora", "adapter")]
     lora = [c for c in runs if c["peft"] == "lora"]
     adapters = any(c["peft"] == "adapter" for c in runs)
-    if ranked := _ranked(runs):
-        return ranked[0][2], "kept the CACC floor on every attack and PEFT pair" if adapters else "LoRA"
-    if adapters:
-        on_lora = {entry[2] for entry in _ranked(lora)}
-        if relaxed := [entry for entry in _ranked(runs, strict=False) if entry[2] in on_lora]:
-            return relaxed[0][2], ("no setting kept the CACC floor on adapters too: the one that kept it on LoRA "
-                                   "and missed it least on adapters")  # fmt: skip
+    pairs = "every attack and PEFT pair" if adapters else "LoRA"
+    for cut in (REDUCTION_TARGET, 0.0):
+        said = (
+            f"cut validation ASR by {REDUCTION_TARGET:.0%} and " if cut else f"none cut it by {REDUCTION_TARGET:.0%}: "
+        )
+        if ranked := _ranked(runs, min_reduction=cut):
+            return ranked[0][2], f"{said}kept the CACC floor on {pairs}"
+        relaxed = _ranked(runs, strict=False, min_reduction=cut)
+        if adapters:
+            on_lora = {entry[2] for entry in _ranked(lora)}
+            if kept := [entry for entry in relaxed if entry[2] in on_lora]:
+                return kept[0][2], (f"{said}no such setting kept the CACC floor on adapters too: the one that kept it "
+                                    "on LoRA and missed it least on adapters")  # fmt: skip
+        if cut and relaxed:
+            return relaxed[0][2], f"{said}no such setting kept the CACC floor on {pairs}: the one that missed it least"
     best, _ = _best_trial(lora)
     return (_setting(best), "LoRA alone") if best is not None else (None, "none qualified")
 
@@ -674,8 +709,9 @@ def _validation_specs(paths: dict[str, Path], sizes: Sizes, peft: str, seeds, se
 
 def confirm_finalists(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
     """The validation split's further seeds (``sizes.val_seeds[1:]``) for the finalists of seed 0: the
-    ``sizes.finalists`` best LoRA settings of [`_ranked`] and the best reference setting (the coefficients of the
-    reference recipe are chosen among reference settings), on every validation encoder, with their undefended runs.
+    ``sizes.finalists`` best LoRA settings of [`_ranked`], the best reference setting (the coefficients of the
+    reference recipe are chosen among reference settings) and the best that cuts the ASR by `REDUCTION_TARGET`
+    (`_with_defender`), on every validation encoder, with their undefended runs.
     One seed's 200 validation sentences put about 3.4 points of noise on CACC and more on ASR: seed 0 alone chose the
     attention term on top of `scan-consistency` by NeuBA ASR 0.105 against 0.210, and the test rows then showed it
     costing clean accuracy."""
@@ -684,18 +720,31 @@ def confirm_finalists(journal: Journal, paths: dict[str, Path], sizes: Sizes, tu
     finalists = ranked[: sizes.finalists]
     if not any(s[0] == "reference" for s in finalists):
         finalists += [s for s in ranked if s[0] == "reference"][:1]
-    return journal.run_many(_validation_specs(paths, sizes, "lora", sizes.val_seeds[1:], finalists))
+    return journal.run_many(
+        _validation_specs(paths, sizes, "lora", sizes.val_seeds[1:], _with_defender(finalists, lora))
+    )
+
+
+def _with_defender(finalists: list[tuple], runs: list[dict]) -> list[tuple]:
+    """``finalists`` plus, when it is not among them, the setting of ``runs`` that reaches `REDUCTION_TARGET` and
+    misses the CACC floor least ([`_ranked`] with ``strict=False``): [`lora_adapter_choice`] puts such a setting
+    first, so it must run on every stage."""
+    defender = [setting for *_, setting, _ in _ranked(runs, strict=False, min_reduction=REDUCTION_TARGET)][:1]
+    return finalists + [s for s in defender if s not in finalists]
 
 
 def confirm_on_adapters(journal: Journal, paths: dict[str, Path], sizes: Sizes, tuning: list[dict]) -> list[dict]:
     """The LoRA recipe also serves bottleneck adapters: the ``sizes.adapter_finalists`` best LoRA settings of
-    [`_ranked`] (over every validation seed) run as adapter fine-tunes on every validation encoder and seed, with
+    [`_ranked`] (over every validation seed), and the best that cuts the ASR by `REDUCTION_TARGET`
+    (`_with_defender`), run as adapter fine-tunes on every validation encoder and seed, with
     their undefended runs, and [`pick_lora_variant`] then asks a setting to keep the floor there too. (On the test
     rows the attention term on top of `scan-consistency`, chosen on LoRA alone, collapsed NeuBA + adapter to
     chance.)"""
     lora = [c for c in tuning if c["peft"] == "lora"]
     finalists = [setting for *_, setting, _ in _ranked(lora)][: sizes.adapter_finalists]
-    return journal.run_many(_validation_specs(paths, sizes, "adapter", sizes.val_seeds, finalists))
+    return journal.run_many(
+        _validation_specs(paths, sizes, "adapter", sizes.val_seeds, _with_defender(finalists, lora))
+    )
 
 
 def choose_prefix_variant(
@@ -976,13 +1025,18 @@ def write(
         "",
         "Every setting runs on POR + LoRA with seed 0; those within 1.5 points of the undefended CACC there also run "
         f"on NeuBA. The {sizes.finalists} best settings of seed 0 (by mean ASR over both attacks, within the floor on "
-        f"each) and the best reference setting then run on seeds {list(sizes.val_seeds[1:])} too, and the "
-        f"{sizes.adapter_finalists} best over the seeds also as bottleneck adapters (every seed, both attacks), since "
-        "the LoRA recipe serves adapters too. The setting with the lowest ASR averaged over the seeds, then over the "
-        "attack and PEFT pairs wins: its CACC averaged over the seeds must stay within the floor for each pair, with "
-        "no run at chance (an undefended run at chance shows no backdoor and is left out with its pair's seed). "
-        "When adapters ran and no setting keeps the floor on every pair, the setting that keeps it on LoRA and misses "
-        f"it least on adapters wins. This run: `{lora_variant}` at λ_amp = {lora_lambdas[0]:g}, λ_attn = "
+        f"each), the best reference setting and the best setting that cuts the ASR by {REDUCTION_TARGET:.0%} (the "
+        f"one that misses the floor least) then run on seeds {list(sizes.val_seeds[1:])} too, and the "
+        f"{sizes.adapter_finalists} best over the seeds (and again the best that cuts the ASR by "
+        f"{REDUCTION_TARGET:.0%}) also as bottleneck adapters (every seed, both attacks), since the LoRA recipe "
+        "serves adapters too. Defense first: a setting must cut the validation ASR by "
+        f"{REDUCTION_TARGET:.0%} (1 − defended / undefended, each averaged over the seeds, then averaged over the "
+        "attack and PEFT pairs) when any setting does. Among those, the one with the lowest ASR averaged over the "
+        "seeds, then over the pairs wins if its CACC averaged over the seeds stays within the floor for each pair, "
+        "with no run at chance (an undefended run at chance shows no backdoor and is left out with its pair's seed); "
+        "if none does, the one that keeps it on LoRA and misses it least on adapters, else the one that misses it "
+        "least. When no setting cuts the ASR that far, the floor comes first, in the same order. This run: "
+        f"`{lora_variant}` at λ_amp = {lora_lambdas[0]:g}, λ_attn = "
         f"{lora_lambdas[1]:g} ({summary['lora_variant_rule']}).",
         "",
         "| encoder | PEFT | seed | recipe | λ_amp | λ_attn | val CACC | val ASR |",
@@ -1083,7 +1137,8 @@ def main() -> None:
         "--cacc-n",
         type=int,
         default=None,
-        help="Measure CACC on this many clean sentences (default: the --eval-n ones).",
+        help="Measure CACC on this many clean sentences of the split (default 1000: the whole test split, and the "
+        "whole validation split of 500; 0: on the --eval-n sentences, as the tables before 2026-11-25).",
     )
     parser.add_argument(
         "--plant-steps", type=int, default=None, help="Planting steps per attack (default: Sizes.plant_steps)."
@@ -1127,15 +1182,16 @@ def main() -> None:
         sizes.variant_grids = dict(VARIANT_GRIDS)
     if args.eval_n:
         sizes.eval_n = args.eval_n
-    if args.cacc_n:
-        sizes.cacc_n = args.cacc_n
+    if args.cacc_n is not None:
+        sizes.cacc_n = args.cacc_n or None
     if args.plant_steps:
         sizes.plant_steps = args.plant_steps
     if args.lr:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
     default_journal = args.journal is None and args.out == parser.get_default("out")
     names = ("train", "epochs", "lr", "batch", "sampling", "eval_n", "cacc_n")
-    changed = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value != getattr(Sizes(), name, None)]
     if default_journal and changed and not args.quick and not args.summarise_only:
         # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe or the test
         # set's size: cells of another learning rate or length must not be paired with the committed ones.

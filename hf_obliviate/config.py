@@ -8,9 +8,16 @@ from dataclasses import dataclass, field, fields
 from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
 CONSISTENCY_TOKENS = ("rare", "scan")
-CONSISTENCY_TARGETS = ("logits", "hidden")
+CONSISTENCY_TARGETS = ("logits", "hidden", "relative")
 
-__all__ = ["CLASSIFIER_DEFAULTS", "DEFAULT_LAMBDA_AMP", "DEFAULT_LAMBDA_ATTN", "SCAN_CONSISTENCY", "ObliviateConfig"]
+__all__ = [
+    "CLASSIFIER_DEFAULTS",
+    "DEFAULT_LAMBDA_AMP",
+    "DEFAULT_LAMBDA_ATTN",
+    "SCAN_CONSISTENCY",
+    "SCAN_RELATIVE",
+    "ObliviateConfig",
+]
 
 # METHOD.md's coefficients as chosen on the validation split of the attack benchmark (benchmarks/defense.py: POR and
 # NeuBA planted in the bundled MiniLM-L6, LoRA; `chosen_lambdas` of benchmarks/results/defense.json, checked by
@@ -30,12 +37,18 @@ SCAN_CONSISTENCY = {
     "consistency_tokens": "scan",
     "consistency_target": "hidden",
 }
+# The `scan-relative` recipe: the same copies, the squared distance divided by the clean batch's spread of summary
+# states, with gradients (`consistency_target="relative"`), so that making every sentence's state the same does not
+# meet it (under `scan-consistency` the defended adapters' [CLS] states spread 35-45 times less than undefended).
+# Weight 0.003: in a side run on the validation split 0.01 cost NeuBA + LoRA 4.8 points of CACC and defended less.
+SCAN_RELATIVE = {**SCAN_CONSISTENCY, "lambda_consistency": 0.003, "consistency_target": "relative"}
 # `ObliviateTrainer`'s (`ObliviateTrainingArguments`') defaults, for sequence classification: the LoRA / adapter
 # recipe the validation split of benchmarks/defense.py chose (`lora_variant` and `lora_variant_lambdas` of
 # benchmarks/results/defense.json; tests/test_defense_benchmark.py checks that they agree). `ObliviateConfig` itself
 # and `ObliviateSFTConfig` keep METHOD.md's terms at the coefficients above: the consistency term compares
-# sequence-classification outputs, and it was not validated for causal LMs.
-CLASSIFIER_DEFAULTS = {**SCAN_CONSISTENCY, "lambda_amp": 0.0, "lambda_attn": 0.0}
+# sequence-classification outputs, and it was not validated for causal LMs. The choice: `scan-relative` plus the
+# attention term at METHOD.md's weight, λ_amp 0 (validation, CACC on all 500 sentences, 2026-11-25).
+CLASSIFIER_DEFAULTS = {**SCAN_RELATIVE, "lambda_amp": 0.0, "lambda_attn": DEFAULT_LAMBDA_ATTN}
 
 
 @dataclass
@@ -54,7 +67,7 @@ class ObliviateConfig:
             (MiniLM-L6 + LoRA, POR and NeuBA). ``ObliviateTrainingArguments`` defaults to 0 (`CLASSIFIER_DEFAULTS`).
         lambda_attn (`float`, *optional*, defaults to 3e-3):
             Weight of the pre-softmax attention-logit penalty on the summary query rows (paper: 3e-2).
-            ``ObliviateTrainingArguments`` defaults to 0 (`CLASSIFIER_DEFAULTS`).
+            ``ObliviateTrainingArguments`` too (`CLASSIFIER_DEFAULTS`).
         amp_norm_cap (`float`, *optional*):
             Stop pushing a PEFT tensor once its norm exceeds this cap (bounds the amplification term).
         attn_query (`str`, *optional*, defaults to `"auto"`):
@@ -77,13 +90,14 @@ class ObliviateConfig:
             example (encoders, sequence classification), the reference norm for SFT completion rows. `True` with
             completion rows raises. On the validation split of `benchmarks/defense.py` it helped POR and not
             NeuBA, so it is not the default.
-        lambda_consistency (`float`, *optional*, defaults to 0.0; ``ObliviateTrainingArguments``: 0.03):
+        lambda_consistency (`float`, *optional*, defaults to 0.0; ``ObliviateTrainingArguments``: 0.003):
             Weight of the trigger-agnostic consistency term (see :mod:`hf_obliviate.consistency`): the model's output
             on a batch against its output on a copy with words inserted (``consistency_tokens``), the clean side
-            detached: ``KL(p(x) ‖ p(x'))`` or the summary hidden states' mean squared difference
-            (``consistency_target``). One extra forward and backward pass per step. Sequence classification only
-            (``ObliviateTrainer``); 0 switches it off. ``ObliviateTrainingArguments`` defaults to the named variant
-            `scan-consistency` (`SCAN_CONSISTENCY`), the recipe the defense benchmark's validation split chose.
+            detached: ``KL(p(x) ‖ p(x'))``, the summary hidden states' mean squared difference, or that difference
+            relative to the clean batch's spread (``consistency_target``). One extra forward and backward pass per
+            step. Sequence classification only (``ObliviateTrainer``); 0 switches it off.
+            ``ObliviateTrainingArguments`` defaults to the named variant `scan-relative` (`SCAN_RELATIVE`) with the
+            attention term, the recipe the defense benchmark's validation split chose.
         consistency_insertions (`int`, *optional*, defaults to 1):
             Most rare words inserted per row of the consistency copy (1 to this many, uniformly).
         consistency_tokens (`str`, *optional*, defaults to `"rare"`):
@@ -95,9 +109,14 @@ class ObliviateConfig:
         consistency_scan_top_k (`int`, *optional*, defaults to 32):
             How many scanned tokens the copy draws from (``consistency_tokens="scan"``).
         consistency_target (`str`, *optional*, defaults to `"logits"`):
-            What the copy is pulled towards: `"logits"` (``KL(p(x) ‖ p(x'))`` between predictions) or `"hidden"`
+            What the copy is pulled towards: `"logits"` (``KL(p(x) ‖ p(x'))`` between predictions), `"hidden"`
             (the mean squared difference of the last layer's summary hidden states, [CLS] for encoders and the last
-            real token for decoder classifiers; an extra no-grad forward of the clean batch per step).
+            real token for decoder classifiers) or `"relative"` (that squared distance divided by the clean batch's
+            spread of summary states, with gradients through the spread, so that the term cannot be met by making
+            every sentence's state the same: :func:`hf_obliviate.consistency.relative_consistency_loss`). The
+            trainers read the clean states from their own forward pass; a plain loop without hidden states in its
+            outputs pays an extra forward pass of the clean batch (without gradients for `"hidden"`, with them for
+            `"relative"`).
         peft_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the PEFT modules' outputs during defended training only. The reference implementation used
             0.01 in its defense runs; it is off by default here.
@@ -172,8 +191,9 @@ class ObliviateConfig:
     )
     consistency_target: str = field(
         default="logits",
-        metadata={"help": "What the consistency copy is pulled towards: logits (KL between predictions) or hidden "
-                  "(the last layer's summary hidden state: [CLS] for encoders)."},
+        metadata={"help": "What the consistency copy is pulled towards: logits (KL between predictions), hidden "
+                  "(the last layer's summary hidden state: [CLS] for encoders) or relative (that distance divided by "
+                  "the clean batch's spread of summary states)."},
     )  # fmt: skip
     peft_dropout: float = field(
         default=0.0, metadata={"help": "Dropout on PEFT module outputs in defended training (reference: 0.01)."}

@@ -1,5 +1,5 @@
-"""The trigger-agnostic consistency term (the named variants ``consistency`` and ``scan-consistency`` of
-``benchmarks/defense.py``).
+"""The trigger-agnostic consistency term (the named variants ``consistency``, ``scan-consistency`` and
+``scan-relative`` of ``benchmarks/defense.py``).
 
 Task-agnostic backdoors are keyed on rare tokens inserted into ordinary text. Without knowing any trigger, the
 defense can teach the fine-tuned model to ignore the *shape* of one: each training batch gets a copy with 1 to
@@ -15,7 +15,9 @@ backdoor maps its triggers to a fixed output whatever the sentence, so they rank
 the six POR triggers ranked 1st to 7th and five of NeuBA's six symbols 1st to 14th of 23,695 candidates, without
 being told any trigger. With ``consistency_tokens="scan"`` the copy inserts the top-ranked tokens, and
 ``consistency_target="hidden"`` pulls the copy's final [CLS] hidden state towards the clean one (the backdoor's own
-lever) instead of its prediction.
+lever) instead of its prediction, and ``consistency_target="relative"`` measures that pull against how far the clean
+[CLS] states spread over the batch (:func:`relative_consistency_loss`), so that it cannot be met by making every
+sentence's state the same.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "hidden_consistency_loss",
     "insert_random_tokens",
     "rare_token_pool",
+    "relative_consistency_loss",
     "scan_trigger_tokens",
 ]
 
@@ -196,6 +199,40 @@ def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.
             f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
         )
     return F.mse_loss(perturbed_hidden.float(), clean_hidden.detach().float())
+
+
+def relative_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> torch.Tensor:
+    """The squared distance of each copy's summary state to its clean one (the clean side detached, a target), summed
+    over features and averaged over the batch, divided by the clean batch's *spread*: the mean squared distance of the
+    clean states to their mean, **with** gradients.
+
+    :func:`hidden_consistency_loss` can be met by making every sentence's state nearly the same (on the defense
+    benchmark the defended adapters' [CLS] states spread 35-45 times less than undefended ones, at a cost in clean
+    accuracy). Here a smaller spread raises the term, so that way out costs; a spread read without gradients (a
+    per-step constant) would only rescale the term, and collapses as the squared distance does. Pass the clean states
+    with their gradients. A batch of one row has no spread: the term is 0 there (a zero with gradients).
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.consistency import relative_consistency_loss
+    >>> clean = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # spread 1
+    >>> float(relative_consistency_loss(clean, clean + torch.tensor([0.0, 1.0])))
+    1.0
+
+    ```
+    """
+    if clean_hidden.dim() != 2 or clean_hidden.shape != perturbed_hidden.shape:
+        raise ValueError(
+            "The relative consistency term compares (batch, hidden) summary states; got "
+            f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
+        )
+    clean = clean_hidden.float()
+    distance = ((perturbed_hidden.float() - clean.detach()) ** 2).sum(-1).mean()
+    if clean.shape[0] < 2:
+        return distance * 0.0
+    spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+    return distance / spread.clamp_min(torch.finfo(spread.dtype).tiny)
 
 
 # Short neutral sentences for the scan: a trigger moves the summary output wherever it is inserted, so a few words

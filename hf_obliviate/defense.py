@@ -11,7 +11,7 @@ from torch import nn
 
 from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
 from .config import ObliviateConfig
-from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens
+from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens, relative_consistency_loss
 from .losses import amplification_loss
 from .probing import hidden_states_of, summary_of, summary_state
 from .tuners import check_prefix_tuning, peft_type_of, tuner_parameters
@@ -214,17 +214,23 @@ class ObliviateDefense:
         """The consistency term on ``x'``, ``inputs`` with 1 to ``consistency_insertions`` words of the token pool
         inserted per row (:func:`hf_obliviate.consistency.insert_random_tokens`): ``KL(p(x) ‖ p(x'))`` against the
         model's ``logits`` on ``x`` (``consistency_target="logits"``), or the mean squared difference of the last
-        layer's summary hidden states (``"hidden"``, :func:`hf_obliviate.probing.summary_state`: [CLS] for encoders).
-        The clean side of the hidden target is read, detached, from ``outputs`` (the model's outputs on ``inputs``
-        called with ``output_hidden_states=True``, as the trainers' main forward pass is) when they hold hidden
-        states, else from an extra forward pass without gradients."""
+        layer's summary hidden states (``"hidden"``, :func:`hf_obliviate.probing.summary_state`: [CLS] for encoders),
+        or that distance relative to the clean batch's spread of those states (``"relative"``, the clean states with
+        their gradients, :func:`hf_obliviate.consistency.relative_consistency_loss`).
+        The clean side of the hidden target is read from ``outputs`` (the model's outputs on ``inputs`` called with
+        ``output_hidden_states=True``, as the trainers' main forward pass is) when they hold hidden states, else from
+        an extra forward pass (without gradients for ``"hidden"``, with them for ``"relative"``)."""
         if self.token_pool is None:
             raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
         model = model or self.model
         perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
-        if self.config.consistency_target == "hidden":
+        if self.config.consistency_target in ("hidden", "relative"):
             clean = {k: v for k, v in inputs.items() if k in perturbed}
-            if hidden_states_of(outputs) is not None:
+            in_outputs = hidden_states_of(outputs) is not None
+            if self.config.consistency_target == "relative":  # with gradients: the clean spread is part of the term
+                state = summary_of(model, clean, outputs) if in_outputs else summary_state(model, clean)[0]
+                return relative_consistency_loss(state, summary_state(model, perturbed)[0])
+            if in_outputs:
                 target = summary_of(model, clean, outputs).detach()
             else:
                 with torch.no_grad():

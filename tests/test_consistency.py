@@ -276,6 +276,67 @@ def test_hidden_target_reads_the_clean_side_from_the_main_forward_pass():
     assert steps.count(1) == 2
 
 
+def test_relative_target_makes_collapse_cost_and_reads_the_clean_spread_with_gradients():
+    """The relative term is the copy's squared distance over the clean batch's spread; a collapsed batch (every state
+    the same) cannot meet it, and gradients reach the clean side through the spread (a defense that read the spread
+    without them would only rescale the squared distance). A batch of one row gives 0."""
+    from hf_obliviate.consistency import relative_consistency_loss
+    from hf_obliviate.probing import summary_state
+
+    clean = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], requires_grad=True)
+    term = relative_consistency_loss(clean, clean.detach() + torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(term, torch.tensor(0.25))
+    term.backward()
+    assert clean.grad.abs().sum() > 0  # through the spread: a wider clean batch lowers the term
+    shrunk = relative_consistency_loss(clean.detach() * 0.1, clean.detach() * 0.1 + torch.tensor([0.0, 0.05]))
+    torch.testing.assert_close(shrunk, torch.tensor(0.25))  # scaling every state down does not help
+    one = torch.ones(1, 2, requires_grad=True)
+    assert float(relative_consistency_loss(one, one.detach() + 1)) == 0.0
+    with pytest.raises(ValueError, match=r"\(batch, hidden\)"):
+        relative_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora").eval()
+    for name, p in model.named_parameters():  # LoRA B starts at 0: give the adapter a path to the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target="relative")
+    defense = ObliviateDefense(model, config, token_pool=[TRIGGER])
+    batch = _batch()
+    _, outputs = summary_state(model, batch)  # the main pass, with gradients
+    defense._generator.manual_seed(5)
+    term = defense.consistency_loss(batch, logits=None, outputs=outputs)
+    perturbed = insert_random_tokens(batch, [TRIGGER], 1, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = relative_consistency_loss(
+            summary_state(model, {k: batch[k] for k in perturbed})[0], summary_state(model, perturbed)[0]
+        )
+    torch.testing.assert_close(term.detach(), expected)
+    defense._generator.manual_seed(5)
+    torch.testing.assert_close(defense.consistency_loss(batch, logits=None).detach(), expected)  # an extra pass
+    clean_only = torch.autograd.grad(term, outputs.hidden_states[-1], retain_graph=True)[0]
+    assert clean_only.abs().sum() > 0  # the main pass's states get gradients from the spread
+
+
+def test_trainer_trains_on_the_relative_target(tmp_path):
+    args = ObliviateTrainingArguments(**quiet_training_kwargs(
+        tmp_path / "out", max_steps=2, lambda_amp=0, lambda_attn=0, lambda_consistency=0.01,
+        consistency_target="relative",
+    ))  # fmt: skip
+    trainer = ObliviateTrainer(
+        model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), consistency_pool=[7]
+    )
+    steps = []  # the step of each forward pass (the first step also checks the model's loss arguments)
+    handle = trainer.model.base_model.model.bert.register_forward_hook(
+        lambda *a: steps.append(trainer.state.global_step)
+    )
+    trainer.train()
+    handle.remove()
+    assert steps.count(1) == 2  # the main pass and the copy: the clean states come from the main pass
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["loss_consistency"] > 0
+
+
 def test_config_refuses_unknown_consistency_settings():
     with pytest.raises(ValueError, match="consistency_tokens"):
         ObliviateConfig(consistency_tokens="all")
@@ -305,8 +366,8 @@ def test_trainer_scans_for_the_pool_and_trains_on_the_hidden_target(tmp_path):
 
 
 def test_trainer_defaults_are_the_recipe_the_benchmark_chose_and_say_what_they_need(tmp_path):
-    """With no defense field given, ObliviateTrainer runs `CLASSIFIER_DEFAULTS` (the scan-consistency term on the
-    scanned tokens plus the attention term); it refuses, before training, a model that is not a sequence classifier
+    """With no defense field given, ObliviateTrainer runs `CLASSIFIER_DEFAULTS` (the scan-relative consistency term on
+    the scanned tokens plus the attention term); it refuses, before training, a model that is not a sequence classifier
     and a run without the tokenizer, each naming the fix. ObliviateConfig and the SFT config keep METHOD.md's terms."""
     from peft import LoraConfig, get_peft_model
     from tiny_models import tiny_causal_lm
@@ -318,8 +379,9 @@ def test_trainer_defaults_are_the_recipe_the_benchmark_chose_and_say_what_they_n
     args = ObliviateTrainingArguments(output_dir=str(tmp_path / "out"), **common)
     assert args.obliviate_config() == ObliviateConfig(**CLASSIFIER_DEFAULTS)
     assert ObliviateConfig().lambda_consistency == 0 and CLASSIFIER_DEFAULTS["lambda_consistency"] > 0
-    with pytest.raises(ValueError, match="all 0"):  # the consistency term off and nothing in its place
-        ObliviateTrainingArguments(output_dir=str(tmp_path / "none"), lambda_consistency=0, **common)
+    with pytest.raises(ValueError, match="all 0"):  # both default terms off and nothing in their place
+        ObliviateTrainingArguments(output_dir=str(tmp_path / "none"), lambda_consistency=0, lambda_attn=0, **common)
+    assert ObliviateTrainingArguments(output_dir=str(tmp_path / "attn"), lambda_consistency=0, **common).lambda_attn
     tokenizer = _tiny_tokenizer()
     trainer = ObliviateTrainer(
         model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), processing_class=tokenizer
@@ -327,7 +389,8 @@ def test_trainer_defaults_are_the_recipe_the_benchmark_chose_and_say_what_they_n
     assert trainer.obliviate_scan_tokens[0] == tokenizer.convert_ids_to_tokens(TRIGGER)  # the scan ran
     trainer.train()
     entry = next(e for e in trainer.state.log_history if "loss" in e)
-    assert entry["loss_consistency"] > 0 and "loss_attn" not in entry and "loss_amp" not in entry
+    assert entry["loss_consistency"] > 0 and entry["loss_attn"] > 0 and "loss_amp" not in entry
+    assert args.consistency_target == "relative"
     with pytest.raises(ValueError, match="processing_class=tokenizer"):
         ObliviateTrainer(model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0))
     from transformers import AutoTokenizer

@@ -194,7 +194,8 @@ def test_rows_of_one_recipe_at_other_coefficients_stay_apart(tmp_path):
 
 def test_consistency_variant_competes_on_validation():
     """The `consistency` recipe (centred + the rare-word consistency term) is one more LoRA / adapter candidate: it
-    wins only with a lower validation ASR inside the CACC floor."""
+    wins with a lower validation ASR inside the CACC floor. Outside the floor it loses to a setting inside it that
+    also cuts the ASR by `REDUCTION_TARGET`, and wins when no such setting exists (defense first)."""
     defense = _defense_module()
     assert "consistency" in defense.LORA_VARIANTS and defense.VARIANTS["consistency"]["lambda_consistency"] > 0
     val = [
@@ -203,8 +204,18 @@ def test_consistency_variant_competes_on_validation():
         {**_cell("lora", True, 0.735, 0.10, "validation", variant="consistency"), "lambda_attn": 1e-2},
     ]  # fmt: skip
     assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("consistency", (3e-4, 1e-2))
-    val[-1] = {**val[-1], "cacc": 0.72}  # 2.5 points below the undefended run: not eligible
-    assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    val[-1] = {**val[-1], "cacc": 0.72}  # 2.5 points below the undefended run: outside the floor
+    assert defense.REDUCTION_TARGET == 0.85
+    defends = [*val[:2], {**val[2], "asr": 0.12}, val[3]]  # centred: 1 - 0.12 / 0.9 = 87% inside the floor
+    assert defense.pick_lora_variant(defends, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    # centred cuts the ASR by 72% only: the one setting that defends wins, though it misses the floor
+    assert defense.pick_lora_variant(val, (3e-4, 3e-3)) == ("consistency", (3e-4, 1e-2))
+    assert defense.lora_adapter_choice(val)[1] == (
+        "cut validation ASR by 85% and no such setting kept the CACC floor on LoRA: the one that missed it least"
+    )
+    weak = [*val[:3], {**val[3], "asr": 0.2}]  # 78%: none defends, so the floor comes first again
+    assert defense.pick_lora_variant(weak, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
+    assert defense.lora_adapter_choice(weak)[1] == "none cut it by 85%: kept the CACC floor on LoRA"
     sizes = defense.Sizes(seeds=(0,), attacks=("por",), pefts=("lora", "adapter"))
     plain = defense.planned_test_keys(sizes, (0.0, 3e-3))
     # (clean, por) x 2 PEFT types + task-specific + adaptive: undefended, reference and each of TEST_RECIPES
@@ -212,7 +223,7 @@ def test_consistency_variant_competes_on_validation():
     chosen = defense.planned_test_keys(sizes, (0.0, 3e-3), lora_variant="consistency", lora_lambdas=(3e-4, 1e-2))
     por = defense.checkpoint_of("por", sizes)
     assert len(chosen) == len(plain) + 6
-    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por, 1) in chosen
+    assert ("por", "adapter", 0, True, 3e-4, 1e-2, "test", "consistency", por, defense.protocol_of(sizes)) in chosen
 
 
 def test_replanted_encoder_gets_its_own_journal_cells():
@@ -229,7 +240,7 @@ def test_replanted_encoder_gets_its_own_journal_cells():
     moved = {**spec, "encoder_path": Path("/elsewhere/badpre-1")}
     assert defense.Journal.key_of(spec) == defense.Journal.key_of(moved)
     assert defense.Journal.key_of(spec) != defense.Journal.key_of({**spec, "sizes": old})
-    assert defense.Journal.key_of(spec)[-2:] == (defense.checkpoint_of("badpre", sizes), 1)
+    assert defense.Journal.key_of(spec)[-2:] == (defense.checkpoint_of("badpre", sizes), defense.protocol_of(sizes))
     fresh, stale = _cell("lora", False, 0.7, 1.0, encoder="badpre"), _cell("lora", False, 0.7, 0.04, encoder="badpre")
     stale["checkpoint"] = defense.checkpoint_of("badpre", old)
     clean = {**_cell("lora", False, 0.7, 0.1, encoder="clean"), "checkpoint": "minilm"}
@@ -238,11 +249,12 @@ def test_replanted_encoder_gets_its_own_journal_cells():
 
 
 def test_cells_measured_another_way_are_not_reused_or_tabulated_together():
-    """Cells with CACC on `cacc_n` clean sentences (protocol 2) and cells with CACC on the 200 sentences that have
-    triggered copies (protocol 1, the default) are not resumed for each other or tabled together; a journal of only
-    the other kind is tabulated as it is."""
+    """Cells with CACC on `cacc_n` clean sentences (protocol 2, the default) and cells with CACC on the 200 sentences
+    that have triggered copies (protocol 1, the tables before 2026-11-25) are not resumed for each other or tabled
+    together; a journal of only the other kind is tabulated as it is."""
     defense = _defense_module()
-    sizes, wide = defense.Sizes(), defense.Sizes(cacc_n=1000)
+    sizes, wide = defense.Sizes(cacc_n=None), defense.Sizes()
+    assert wide.cacc_n == 1000
     assert (defense.protocol_of(sizes), defense.protocol_of(wide)) == (1, 2)
     spec = dict(encoder="por", encoder_path=Path("/x/por"), peft="lora", seed=0, defended=False, lambdas=(0.0, 0.0),
                 sizes=wide)  # fmt: skip
@@ -254,6 +266,7 @@ def test_cells_measured_another_way_are_not_reused_or_tabulated_together():
     assert defense.current_cells([old, new], sizes) == [old]
     assert defense.current_cells([new], sizes) == [new]
     assert defense.tabulated_protocol([new], sizes) == 2  # a protocol-2 journal summarised without --cacc-n
+    assert defense.tabulated_protocol([old], wide) == 1  # a journal of before 2026-11-25 (results/history/cacc-200/)
     assert "CACC on 1000 clean sentences; ASR on 200 sentences" in defense._measured(wide, [new])
     assert defense._measured(sizes, [old]).startswith("200 sentences, one clean")
 
@@ -282,13 +295,16 @@ def test_trigger_scans_run_once_per_encoder_on_the_bare_encoder_before_the_cells
     assert scanned == [(Path("/x/por"), torch.nn.Linear, sizes.scan_sentences), (None, torch.nn.Linear, 2)]
 
 
-def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen():
-    """`scan-consistency` (the vocabulary-scan consistency term) runs on every LoRA / adapter test row next to the
-    chosen recipe, once even when it is the chosen one; prefix tuning keeps its own recipes."""
+def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen(monkeypatch):
+    """A recipe of `TEST_RECIPES` runs on every LoRA / adapter test row next to the chosen recipe, once even when it
+    is the chosen one; prefix tuning keeps its own recipes. None runs there now, so that a fresh full run fits in 90
+    minutes (`scan-consistency`, the default until 2026-11-24, did)."""
     defense = _defense_module()
-    assert ("scan-consistency", (0.0, 0.0)) in defense.TEST_RECIPES
-    assert defense.VARIANTS["scan-consistency"]["consistency_tokens"] == "scan"
+    assert defense.TEST_RECIPES == ()
     lambdas = (0.0, 3e-3)
+    assert defense.recipes_for("lora", lambdas) == [("reference", lambdas)]
+    monkeypatch.setattr(defense, "TEST_RECIPES", (("scan-consistency", (0.0, 0.0)),))
+    assert defense.VARIANTS["scan-consistency"]["consistency_tokens"] == "scan"
     assert defense.recipes_for("lora", lambdas) == [("reference", lambdas), ("scan-consistency", (0.0, 0.0))]
     assert defense.recipes_for("prefix", lambdas) == [("reference", lambdas)]
     same = defense.recipes_for("adapter", lambdas, lora_variant="scan-consistency", lora_lambdas=(0.0, 0.0))
@@ -330,7 +346,7 @@ def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     assert best["encoder"] == "por" and best["variant"] == "reference"
     at_chance = [{**neuba[0], "near_chance": True}, *neuba[1:]]
     assert defense.pick_lora_variant(por + at_chance, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
-    collapsed = [*neuba[:2], {**neuba[2], "cacc": 0.5, "asr": 0.0}]  # outside the floor on NeuBA
+    collapsed = [*neuba[:2], {**neuba[2], "cacc": 0.55, "asr": 0.9}]  # outside the floor on NeuBA
     assert defense.pick_lora_variant(por + collapsed, (3e-4, 3e-3)) == ("reference", (3e-4, 3e-3))
     missing = neuba[:2]  # centred never ran on NeuBA: it cannot be chosen
     assert defense.pick_lora_variant(por + [{**missing[0]}, {**missing[1], "asr": 0.99}], (3e-4, 3e-3)) == (
@@ -399,12 +415,50 @@ def test_validation_finalists_run_on_a_second_seed_and_the_mean_over_seeds_decid
     assert ranked[0][2] == (scan[0], *scan[1]) and ranked[0][0] == pytest.approx(
         ((0.083 + 0.120) / 2 + (0.210 + 0.150) / 2) / 2
     )
-    # no finalist keeps the floor over both seeds: seed 0's choice stands
-    bad = [c if not c["defended"] else {**c, "cacc": 0.5} for c in seed1]
+    # every finalist at chance on seed 1: no setting qualifies over both seeds, and seed 0's choice stands
+    bad = [c if not c["defended"] else {**c, "cacc": 0.5, "near_chance": True} for c in seed1]
     assert defense.pick_lora_variant(seed0 + bad, defense.pick_lambdas(seed0 + bad)) == both
-    # NeuBA at chance undefended on seed 1: that seed counts on POR only
+    # every finalist 5 points down on seed 1: none keeps the floor over both seeds, and of those that cut the ASR by
+    # 85% the one that misses it least wins (scan: -2.25 points at worst, against -4.75 with the attention term)
+    costly = [c if not c["defended"] else {**c, "cacc": c["cacc"] - 0.05} for c in seed1]
+    assert defense.pick_lora_variant(seed0 + costly, defense.pick_lambdas(seed0 + costly)) == scan
+    # NeuBA at chance undefended on seed 1: that seed counts on POR only. Then scan cuts the ASR by 84% only (NeuBA,
+    # seed 0: 0.210), and the attention term on top, 91% at 2.25 points below on POR, wins: defense first
     chance = [{**c, "near_chance": True} if c["encoder"] == "neuba" and not c["defended"] else c for c in seed1]
-    assert defense.pick_lora_variant(seed0 + chance, defense.pick_lambdas(seed0 + chance)) == scan
+    assert defense.pick_lora_variant(seed0 + chance, defense.pick_lambdas(seed0 + chance)) == both
+    neuba_weaker = [{**c, "asr": 0.3} if c["encoder"] == "neuba" and c["lambda_attn"] == 3e-3 else c for c in seed0]
+    assert defense.pick_lora_variant(neuba_weaker + chance, (3e-4, 3e-3)) == scan  # none defends: the floor first
+
+
+def test_the_setting_that_defends_runs_on_every_validation_stage():
+    """The setting the defense-first rule would choose (cuts the ASR by `REDUCTION_TARGET`, misses the CACC floor
+    least) joins the finalists on the second seed and on adapters even when the floor-first ranking leaves it out."""
+    defense = _defense_module()
+    relative = ("scan-relative", (0.0, 0.0))
+    seed0 = [
+        _setting_cell("por", 0, 0.72, 0.92, defended=False), _setting_cell("neuba", 0, 0.62, 1.0, defended=False),
+        _setting_cell("por", 0, 0.72, 0.18), _setting_cell("neuba", 0, 0.63, 1.0),  # keeps the floor, no defense
+        _setting_cell("por", 0, 0.72, 0.09, *relative), _setting_cell("neuba", 0, 0.59, 0.10, *relative),  # -3 pts
+    ]  # fmt: skip
+
+    class Recorder:
+        def __init__(self):
+            self.specs = []
+
+        def run_many(self, specs):
+            self.specs += specs
+            return []
+
+    paths = {"por": Path("p"), "neuba": Path("n")}
+    for confirm, peft, seeds in ((defense.confirm_finalists, "lora", {1}),
+                                 (defense.confirm_on_adapters, "adapter", {0, 1})):  # fmt: skip
+        journal = Recorder()
+        confirm(journal, paths, defense.Sizes(finalists=1, adapter_finalists=1), seed0)
+        ran = {(s["peft"], s["seed"], s.get("variant", "reference"), *s["lambdas"]) for s in journal.specs
+               if s["defended"]}  # fmt: skip
+        assert ran == {(peft, seed, *setting) for seed in seeds
+                       for setting in [("reference", 3e-4, 3e-3), (relative[0], *relative[1])]}  # fmt: skip
+    assert defense.pick_lora_variant(seed0, (3e-4, 3e-3)) == relative
 
 
 def test_the_lora_recipe_must_also_keep_the_floor_on_adapters():
@@ -451,7 +505,9 @@ def test_the_lora_recipe_must_also_keep_the_floor_on_adapters():
     })]  # fmt: skip
     assert defense.pick_lora_variant(lora + adapter, lambdas) == scan
     assert defense.pick_lambdas(lora + adapter) == lambdas  # the reference coefficients stay LoRA's
-    assert defense.lora_adapter_choice(lora + adapter)[1].startswith("kept the CACC floor on every")
+    assert defense.lora_adapter_choice(lora + adapter)[1] == (
+        "cut validation ASR by 85% and kept the CACC floor on every attack and PEFT pair"
+    )
     # no setting keeps the floor on adapters: the one that kept it on LoRA and misses it least there
     costly = [{**c, "cacc": c["cacc"] - 0.05} if c["defended"] and c["variant"] == "scan-consistency" and
               c["lambda_attn"] == 0 and c["encoder"] == "neuba" else c for c in adapter]  # fmt: skip

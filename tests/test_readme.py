@@ -38,6 +38,6 @@ def test_quickstart_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    # the defaults (CLASSIFIER_DEFAULTS): the scan-consistency term alone
-    assert "loss_task" in last and "loss_consistency" in last and "loss_attn" not in last and "loss_amp" not in last
+    # the defaults (CLASSIFIER_DEFAULTS): the scan-relative consistency term and the attention term, no amplification
+    assert "loss_task" in last and "loss_consistency" in last and "loss_attn" in last and "loss_amp" not in last
     assert (tmp_path / "obliviate-quickstart").is_dir()

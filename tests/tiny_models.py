@@ -153,7 +153,7 @@ def quiet_training_kwargs(output_dir, **overrides) -> dict:
         max_grad_norm=0.0,
         lambda_amp=1e-2,
         lambda_attn=1e-1,
-        # METHOD.md's two terms, not ObliviateTrainingArguments' classifier defaults (the scan-consistency term); the
+        # METHOD.md's two terms, not ObliviateTrainingArguments' classifier defaults (the scan-relative term); the
         # consistency term's tests turn it on, with ObliviateConfig's own token and target settings unless they say
         lambda_consistency=0.0,
         consistency_tokens="rare",

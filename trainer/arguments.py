@@ -123,8 +123,9 @@ class ObliviateTrainingArguments(ObliviateConfig, DeltaPushArguments, TrainingAr
 
     The defense defaults are those of :data:`hf_obliviate.config.CLASSIFIER_DEFAULTS`, the recipe the validation
     split of ``benchmarks/defense.py`` chose for sequence classifiers (LoRA and bottleneck adapters): the
-    `scan-consistency` term alone (a vocabulary scan before training, about a minute for MiniLM-L6 on 2 CPU cores,
-    which needs ``processing_class=tokenizer``), METHOD.md's two terms off. METHOD.md's recipe is
+    `scan-relative` consistency term (a vocabulary scan before training, about a minute for MiniLM-L6 on 2 CPU cores,
+    which needs ``processing_class=tokenizer``) and the attention term at ``lambda_attn=3e-3``, the amplification term
+    off. METHOD.md's recipe is
     ``lambda_consistency=0, lambda_amp=3e-4, lambda_attn=3e-3`` (:class:`hf_obliviate.ObliviateConfig`'s defaults).
 
     Example:

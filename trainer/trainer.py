@@ -179,7 +179,7 @@ class ObliviateTrainerMixin:
         consistency = self.obliviate_config.lambda_consistency > 0
         # the hidden target's clean side comes from this forward pass (its hidden states are kept for the backward
         # pass anyway) instead of a forward pass of its own
-        hidden = consistency and self.obliviate_config.consistency_target == "hidden"
+        hidden = consistency and self.obliviate_config.consistency_target in ("hidden", "relative")
         with self.obliviate_defense.track(**capture_inputs, grad_only=True) as step:
             result = super().compute_loss(
                 model,
@@ -229,8 +229,9 @@ class ObliviateTrainer(ObliviateTrainerMixin, CompressedPushMixin, Trainer):
     model's own attention kernel (SDPA stays SDPA), and ``L_consistency`` pulls the model's summary state on a copy of
     the batch with a suspicious token inserted to its state on the batch (:mod:`hf_obliviate.consistency`). The
     defaults of :class:`hf_obliviate.ObliviateTrainingArguments` are the recipe the defense benchmark chose on its
-    validation split (`CLASSIFIER_DEFAULTS`): the consistency term alone, with the tokens of a vocabulary scan run
-    before training (pass ``processing_class=tokenizer``). The extra terms are scaled like the task
+    validation split (`CLASSIFIER_DEFAULTS`): the consistency term (relative to the batch's spread of summary states)
+    with the tokens of a vocabulary scan run before training (pass ``processing_class=tokenizer``), and the
+    attention term. The extra terms are scaled like the task
     loss under gradient accumulation and logged as ``loss_task``, ``loss_amp``, ``loss_attn`` and
     ``loss_consistency``. Evaluation and prediction are unchanged.
 
