@@ -147,8 +147,8 @@ QUICK = Sizes(
 def protocol_of(sizes: Sizes) -> int:
     """How cells of these sizes are measured: 1, CACC on the `eval_n` (`val_n`) sentences that also have triggered
     copies (``cacc_n=None``; the tables before 2026-11-25); 2, CACC on `cacc_n` clean sentences of the split (the
-    default). A journal key holds it: cells of
-    the other protocol are not reused, and `current_cells` keeps them out of the tables."""
+    default). A journal key holds it: cells of the other protocol are not reused, and `current_cells` keeps them out
+    of the tables."""
     return 1 if sizes.cacc_n is None else 2
 
 

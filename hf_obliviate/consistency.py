@@ -181,6 +181,14 @@ def consistency_loss(clean_logits: torch.Tensor, perturbed_logits: torch.Tensor)
     return F.kl_div(F.log_softmax(perturbed_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
 
 
+def _check_states(term: str, clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> None:
+    if clean_hidden.dim() != 2 or clean_hidden.shape != perturbed_hidden.shape:
+        raise ValueError(
+            f"The {term} consistency term compares (batch, hidden) summary states; got "
+            f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
+        )
+
+
 def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> torch.Tensor:
     """Mean squared difference between two ``(batch, hidden)`` summary states, the clean side detached (a target).
 
@@ -193,11 +201,7 @@ def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.
 
     ```
     """
-    if clean_hidden.dim() != 2 or clean_hidden.shape != perturbed_hidden.shape:
-        raise ValueError(
-            "The hidden consistency term compares (batch, hidden) summary states; got "
-            f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
-        )
+    _check_states("hidden", clean_hidden, perturbed_hidden)
     return F.mse_loss(perturbed_hidden.float(), clean_hidden.detach().float())
 
 
@@ -222,11 +226,7 @@ def relative_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torc
 
     ```
     """
-    if clean_hidden.dim() != 2 or clean_hidden.shape != perturbed_hidden.shape:
-        raise ValueError(
-            "The relative consistency term compares (batch, hidden) summary states; got "
-            f"{tuple(clean_hidden.shape)} and {tuple(perturbed_hidden.shape)}."
-        )
+    _check_states("relative", clean_hidden, perturbed_hidden)
     clean = clean_hidden.float()
     distance = ((perturbed_hidden.float() - clean.detach()) ** 2).sum(-1).mean()
     if clean.shape[0] < 2:

@@ -209,17 +209,23 @@ def test_scan_ranks_the_planted_trigger_first_and_leaves_the_model_as_it_was(tmp
         scan_trigger_tokens(model, tokenizer, sentences=())
 
 
+def _summary_defense(target: str):
+    """A tiny BERT + LoRA with its B factors drawn (at 0 the adapter has no path to the output), and a defense with the
+    consistency term alone on ``target``, inserting the planted trigger."""
+    torch.manual_seed(0)
+    model = tiny_peft_model("bert", "lora")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target=target)
+    return model, ObliviateDefense(model, config, token_pool=[TRIGGER])
+
+
 def test_hidden_target_is_the_mse_of_the_cls_states_with_a_detached_clean_side():
     from hf_obliviate.consistency import hidden_consistency_loss
     from hf_obliviate.probing import summary_state
 
-    torch.manual_seed(0)
-    model = tiny_peft_model("bert", "lora")
-    for name, p in model.named_parameters():  # LoRA B starts at 0: give the adapter a path to the output
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target="hidden")
-    defense = ObliviateDefense(model, config, token_pool=[TRIGGER])
+    model, defense = _summary_defense("hidden")
     batch = _batch()
     defense._generator.manual_seed(7)
     term = defense.consistency_loss(batch, logits=None)
@@ -234,6 +240,18 @@ def test_hidden_target_is_the_mse_of_the_cls_states_with_a_detached_clean_side()
         hidden_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="no hidden_states"):  # a model that cannot give its hidden states
         summary_state(lambda **kw: {"logits": torch.zeros(1, 2)}, {"input_ids": torch.ones(1, 3, dtype=torch.long)})
+
+
+def _forward_passes_of_step_1(trainer) -> int:
+    """Train ``trainer`` and count the encoder's forward passes during step 1 (step 0 also checks the model's loss
+    arguments)."""
+    steps = []
+    handle = trainer.model.base_model.model.bert.register_forward_hook(
+        lambda *a: steps.append(trainer.state.global_step)
+    )
+    trainer.train()
+    handle.remove()
+    return steps.count(1)
 
 
 def test_hidden_target_reads_the_clean_side_from_the_main_forward_pass():
@@ -267,13 +285,7 @@ def test_hidden_target_reads_the_clean_side_from_the_main_forward_pass():
     trainer = ObliviateTrainer(
         model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), consistency_pool=[7]
     )
-    steps = []  # the step of each forward pass (the first step also checks the model's loss arguments)
-    handle = trainer.model.base_model.model.bert.register_forward_hook(
-        lambda *a: steps.append(trainer.state.global_step)
-    )
-    trainer.train()
-    handle.remove()
-    assert steps.count(1) == 2
+    assert _forward_passes_of_step_1(trainer) == 2
 
 
 def test_relative_target_makes_collapse_cost_and_reads_the_clean_spread_with_gradients():
@@ -295,13 +307,8 @@ def test_relative_target_makes_collapse_cost_and_reads_the_clean_spread_with_gra
     with pytest.raises(ValueError, match=r"\(batch, hidden\)"):
         relative_consistency_loss(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
 
-    torch.manual_seed(0)
-    model = tiny_peft_model("bert", "lora").eval()
-    for name, p in model.named_parameters():  # LoRA B starts at 0: give the adapter a path to the output
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    config = ObliviateConfig(lambda_amp=0, lambda_attn=0, lambda_consistency=1.0, consistency_target="relative")
-    defense = ObliviateDefense(model, config, token_pool=[TRIGGER])
+    model, defense = _summary_defense("relative")
+    model.eval()
     batch = _batch()
     _, outputs = summary_state(model, batch)  # the main pass, with gradients
     defense._generator.manual_seed(5)
@@ -326,13 +333,7 @@ def test_trainer_trains_on_the_relative_target(tmp_path):
     trainer = ObliviateTrainer(
         model=_planted(), args=args, train_dataset=_dataset(), data_collator=PadCollator(0), consistency_pool=[7]
     )
-    steps = []  # the step of each forward pass (the first step also checks the model's loss arguments)
-    handle = trainer.model.base_model.model.bert.register_forward_hook(
-        lambda *a: steps.append(trainer.state.global_step)
-    )
-    trainer.train()
-    handle.remove()
-    assert steps.count(1) == 2  # the main pass and the copy: the clean states come from the main pass
+    assert _forward_passes_of_step_1(trainer) == 2  # the main pass and the copy: the clean states come from it
     entry = next(e for e in trainer.state.log_history if "loss" in e)
     assert entry["loss_consistency"] > 0
 

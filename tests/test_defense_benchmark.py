@@ -354,6 +354,17 @@ def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     )  # fmt: skip
 
 
+class _Recorder:
+    """A journal that records the ``run_cell`` specs it is given and runs none."""
+
+    def __init__(self):
+        self.specs = []
+
+    def run_many(self, specs):
+        self.specs += specs
+        return []
+
+
 def _setting_cell(encoder, seed, cacc, asr, variant="reference", lambdas=(3e-4, 3e-3), defended=True):
     cell = _cell("lora", defended, cacc, asr, "validation", variant=variant, seed=seed, encoder=encoder)
     return {**cell, "lambda_amp": lambdas[0], "lambda_attn": lambdas[1]} if defended else cell
@@ -377,15 +388,7 @@ def test_validation_finalists_run_on_a_second_seed_and_the_mean_over_seeds_decid
     ]  # fmt: skip
     assert defense.pick_lora_variant(seed0, defense.pick_lambdas(seed0)) == both
 
-    class Recorder:
-        def __init__(self):
-            self.specs = []
-
-        def run_many(self, specs):
-            self.specs += specs
-            return []
-
-    journal, sizes = Recorder(), defense.Sizes()
+    journal, sizes = _Recorder(), defense.Sizes()
     assert sizes.val_seeds == (0, 1) and sizes.finalists == 3
     defense.confirm_finalists(journal, {"por": Path("p"), "neuba": Path("n")}, sizes, seed0)
     ran = {(s["encoder"], s["seed"], s["defended"], s.get("variant", "reference"), *s["lambdas"])
@@ -441,18 +444,10 @@ def test_the_setting_that_defends_runs_on_every_validation_stage():
         _setting_cell("por", 0, 0.72, 0.09, *relative), _setting_cell("neuba", 0, 0.59, 0.10, *relative),  # -3 pts
     ]  # fmt: skip
 
-    class Recorder:
-        def __init__(self):
-            self.specs = []
-
-        def run_many(self, specs):
-            self.specs += specs
-            return []
-
     paths = {"por": Path("p"), "neuba": Path("n")}
     for confirm, peft, seeds in ((defense.confirm_finalists, "lora", {1}),
                                  (defense.confirm_on_adapters, "adapter", {0, 1})):  # fmt: skip
-        journal = Recorder()
+        journal = _Recorder()
         confirm(journal, paths, defense.Sizes(finalists=1, adapter_finalists=1), seed0)
         ran = {(s["peft"], s["seed"], s.get("variant", "reference"), *s["lambdas"]) for s in journal.specs
                if s["defended"]}  # fmt: skip
@@ -485,14 +480,7 @@ def test_the_lora_recipe_must_also_keep_the_floor_on_adapters():
     lambdas = defense.pick_lambdas(lora)
     assert defense.pick_lora_variant(lora, lambdas) == both
 
-    class Recorder:
-        specs: list = []
-
-        def run_many(self, specs):
-            self.specs += specs
-            return []
-
-    journal = Recorder()
+    journal = _Recorder()
     defense.confirm_on_adapters(journal, {"por": Path("p"), "neuba": Path("n")}, defense.Sizes(), lora)
     assert {(s["peft"], s["encoder"], s["seed"], s["defended"], s.get("variant", "reference"), *s["lambdas"])
             for s in journal.specs} == {
