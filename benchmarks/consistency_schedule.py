@@ -12,7 +12,9 @@ full-length cells of ``results/defense_cells.jsonl`` (split "validation"). Nothi
 
 Each process fine-tunes on one thread (as the benchmark's workers do on 2 cores); run two side by side there.
 
-Results of 2026-11-24: ``results/history/consistency-schedule/``.
+Results of 2026-11-24: ``results/history/consistency-schedule/``, measured with CACC on the 200 validation sentences
+with triggered copies (``defense.Sizes(cacc_n=None)``); the script now runs with the benchmark's default sizes, CACC on
+all 500.
 """
 
 from __future__ import annotations

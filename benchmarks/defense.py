@@ -650,6 +650,7 @@ def lora_adapter_choice(tuning: list[dict]) -> tuple[tuple | None, str]:
     lora = [c for c in runs if c["peft"] == "lora"]
     adapters = any(c["peft"] == "adapter" for c in runs)
     pairs = "every attack and PEFT pair" if adapters else "LoRA"
+    on_lora = {entry[2] for entry in _ranked(lora)} if adapters else set()
     for cut in (REDUCTION_TARGET, 0.0):
         said = (
             f"cut validation ASR by {REDUCTION_TARGET:.0%} and " if cut else f"none cut it by {REDUCTION_TARGET:.0%}: "
@@ -657,11 +658,9 @@ def lora_adapter_choice(tuning: list[dict]) -> tuple[tuple | None, str]:
         if ranked := _ranked(runs, min_reduction=cut):
             return ranked[0][2], f"{said}kept the CACC floor on {pairs}"
         relaxed = _ranked(runs, strict=False, min_reduction=cut)
-        if adapters:
-            on_lora = {entry[2] for entry in _ranked(lora)}
-            if kept := [entry for entry in relaxed if entry[2] in on_lora]:
-                return kept[0][2], (f"{said}no such setting kept the CACC floor on adapters too: the one that kept it "
-                                    "on LoRA and missed it least on adapters")  # fmt: skip
+        if kept := [entry for entry in relaxed if entry[2] in on_lora]:
+            return kept[0][2], (f"{said}no such setting kept the CACC floor on adapters too: the one that kept it on "
+                                "LoRA and missed it least on adapters")  # fmt: skip
         if cut and relaxed:
             return relaxed[0][2], f"{said}no such setting kept the CACC floor on {pairs}: the one that missed it least"
     best, _ = _best_trial(lora)
@@ -1192,8 +1191,9 @@ def main() -> None:
         LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
     default_journal = args.journal is None and args.out == parser.get_default("out")
     names = ("train", "epochs", "lr", "batch", "sampling", "eval_n", "cacc_n")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    changed = [f"--{name.replace('_', '-')}" for name, value in given.items() if value != getattr(Sizes(), name, None)]
+    given, defaults = {name: getattr(args, name) for name in names}, Sizes()
+    changed = [f"--{name.replace('_', '-')}" for name, value in given.items()
+               if value is not None and value != getattr(defaults, name, None)]  # fmt: skip
     if default_journal and changed and not args.quick and not args.summarise_only:
         # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe or the test
         # set's size: cells of another learning rate or length must not be paired with the committed ones.

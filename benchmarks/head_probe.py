@@ -12,7 +12,9 @@ scanned tokens). One JSON line per cell goes to ``--out``.
     python benchmarks/head_probe.py --defended --cells por:lora:0 --lam 0.3      # scan-consistency at λ 0.3
 
 Each process fine-tunes on one thread (as the benchmark's workers on 2 cores); run two side by side there. Nothing
-here changes the library. Results of 2026-11-24: ``results/history/head-probe/``.
+here changes the library. Results of 2026-11-24: ``results/history/head-probe/``, measured with CACC on the 200
+validation sentences with triggered copies (``defense.Sizes(cacc_n=None)``); the script now runs with the benchmark's
+default sizes, CACC on all 500.
 """
 
 from __future__ import annotations

@@ -348,6 +348,8 @@ def test_recipe_is_chosen_over_por_and_neuba_on_validation():
     assert defense.pick_lora_variant(por + at_chance, (3e-4, 3e-3)) == ("centred", (3e-4, 3e-3))
     collapsed = [*neuba[:2], {**neuba[2], "cacc": 0.55, "asr": 0.9}]  # outside the floor on NeuBA
     assert defense.pick_lora_variant(por + collapsed, (3e-4, 3e-3)) == ("reference", (3e-4, 3e-3))
+    at_chance_defended = [*neuba[:2], {**neuba[2], "cacc": 0.5, "asr": 0.0, "near_chance": True}]  # collapsed
+    assert defense.pick_lora_variant(por + at_chance_defended, (3e-4, 3e-3)) == ("reference", (3e-4, 3e-3))
     missing = neuba[:2]  # centred never ran on NeuBA: it cannot be chosen
     assert defense.pick_lora_variant(por + [{**missing[0]}, {**missing[1], "asr": 0.99}], (3e-4, 3e-3)) == (
         "reference", (3e-4, 3e-3),
