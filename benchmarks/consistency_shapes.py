@@ -19,6 +19,8 @@ Shapes (``--shape``):
   relative-grad  ``relative`` with the clean batch's spread read with its gradients (from the main pass's hidden
             states), so that shrinking the spread raises the term: collapse costs. This is the library's
             ``consistency_target="relative"``, the `scan-relative` variant of benchmarks/defense.py (λ 0.003)
+  relative-capped  ``relative-grad`` with the spread capped at the first training batch's (a constant): a collapse
+            below it costs, a spread above it earns nothing (``relative-grad`` rewards any growth of the spread)
   contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
             to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
             largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
@@ -26,9 +28,15 @@ Shapes (``--shape``):
 
     python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
 
-``--lr`` overrides the fine-tunes' learning rate (every PEFT type). Each process fine-tunes on one thread (as the
-benchmark's workers do on 2 cores); run two side by side there. ``--cacc-n 500`` measures CACC on the whole
-validation split (default: on the 200 sentences with triggered copies, as the runs of 2026-11-24).
+``--lr`` overrides the fine-tunes' learning rate (every PEFT type), ``--lam-attn`` adds the attention term
+(METHOD.md's, raw logit row) at that weight, ``--lam 0`` leaves the attention term alone. Each process fine-tunes on
+one thread (as the benchmark's workers do on 2 cores); run two side by side there. ``--cacc-n 500`` measures CACC on
+the whole validation split (default: on the 200 sentences with triggered copies, as the runs of 2026-11-24).
+
+``--summarise CELLS...`` prints a Markdown table of the cells measured on all 500 validation sentences, per setting
+and (encoder, PEFT) pair, with the benchmark journal's matching validation cells: the CACC change against the
+undefended cell of the same seed and learning rate (mean ± standard deviation over the seeds) and the mean ASR
+reduction over the pairs.
 
 Results of 2026-11-24 and 2026-11-25: ``results/history/consistency-shapes/``.
 """
@@ -48,7 +56,7 @@ import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
-SHAPES = ("mse", "relative", "relative-grad", "hinge", "kl", "mse-eval", "contrastive", "none")
+SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "hinge", "kl", "mse-eval", "contrastive", "none")
 
 
 def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
@@ -76,6 +84,19 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
         core.hidden_consistency_loss = hinge
     elif shape == "relative-grad":  # the library's consistency_target="relative": benchmarks/defense.py's variant
         overrides = dict(defense.VARIANTS["scan-relative"])
+    elif shape == "relative-capped":
+        overrides = dict(defense.VARIANTS["scan-relative"])
+        first: list[float] = []
+
+        def capped(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+            clean = clean.float()
+            distance = ((perturbed.float() - clean.detach()) ** 2).sum(-1).mean()
+            spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+            if not first:  # the first training batch's spread: the term pays for a collapse below it, never above
+                first.append(float(spread))
+            return distance / torch.clamp(spread, min=1e-6, max=first[0])
+
+        core.relative_consistency_loss = capped
     elif shape == "contrastive":
 
         def contrastive(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -120,17 +141,105 @@ def summary_spread(model, tokenizer, sizes: defense.Sizes) -> tuple[float, float
     return float(((states - states.mean(0)) ** 2).sum(-1).mean()), float((states**2).sum(-1).mean())
 
 
+# The benchmark's validation cells as settings of this script: (shape, λ_consistency, λ_attn), at its learning rate.
+JOURNAL_SETTINGS = {
+    ("reference", 0.0, 0.0, False): ("none", 0.0, 0.0),
+    ("scan-consistency", 0.0, 0.0, True): ("mse", 0.03, 0.0),
+    ("scan-relative", 0.0, 0.003, True): ("relative-grad", 0.003, 0.003),
+}
+
+
+def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[tuple, dict]]:
+    """Cells measured with CACC on all 500 validation sentences, by setting ``(shape, λ_consistency, λ_attn, lr)``
+    then by ``(encoder, peft, seed)``: this script's lines, and the matching validation cells of the benchmark's
+    ``journal`` (at its own learning rate; a side-run line of the same cell and setting is checked against it)."""
+    found: dict[tuple, dict[tuple, dict]] = {}
+
+    def add(setting: tuple, cell: dict) -> None:
+        key = (cell["encoder"], cell["peft"], cell["seed"])
+        old = found.setdefault(setting, {}).get(key)
+        if old is not None and (old["cacc"], old["asr"]) != (cell["cacc"], cell["asr"]):
+            raise SystemExit(f"{setting} {key}: two different results ({old['cacc']}, {old['asr']}) and "
+                             f"({cell['cacc']}, {cell['asr']}).")  # fmt: skip
+        found[setting][key] = cell
+
+    for path in paths:
+        for line in path.read_text().splitlines():
+            cell = json.loads(line)
+            if cell.get("cacc_n") == 500:
+                add((cell["shape"], cell["lambda_consistency"], cell.get("lambda_attn", 0.0), cell["lr"]), cell)
+    for line in journal.read_text().splitlines() if journal else ():
+        cell = json.loads(line)
+        name = (cell.get("variant", "reference"), cell["lambda_amp"], cell["lambda_attn"], cell["defended"])
+        if cell["split"] == "validation" and cell.get("protocol", 1) == 2 and name in JOURNAL_SETTINGS:
+            if cell["peft"] in ("lora", "adapter") and cell["encoder"] in defense.VALIDATION_ENCODERS:
+                add((*JOURNAL_SETTINGS[name], defense.LEARNING_RATES[cell["peft"]]), cell)
+    return found
+
+
+def summarise(found: dict[tuple, dict[tuple, dict]]) -> str:
+    """A Markdown table: per setting and (encoder, PEFT) pair, the seeds, mean CACC and ASR, and the CACC change
+    against the undefended cell of the same seed and learning rate (mean ± standard deviation over the seeds whose
+    two runs are above chance), then the mean ASR reduction over the pairs, as the benchmark's validation rule
+    measures it (1 - defended / undefended, each averaged over the seeds)."""
+    import statistics
+
+    lines = ["| setting (shape, λ_consistency, λ_attn, lr) | pair | seeds | CACC | ΔCACC vs undefended (pts) | ASR |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    totals = []
+    for setting in sorted(found, key=lambda s: (s[3], s[0] != "none", s)):
+        shape, lr = setting[0], setting[3]
+        if shape != "none" and setting[1] == 0:
+            shape = "attention only"  # λ_consistency 0: the shape plays no part
+        base = found.get(("none", 0.0, 0.0, lr), {})
+        reductions = []
+        for pair in sorted({k[:2] for k in found[setting]}, key=lambda p: (p[1], p[0])):
+            runs = {k[2]: c for k, c in found[setting].items() if k[:2] == pair}
+            kept = [s for s in runs if not runs[s]["near_chance"]]
+            deltas = [100 * (runs[s]["cacc"] - base[(*pair, s)]["cacc"]) for s in kept
+                      if (*pair, s) in base and not base[(*pair, s)]["near_chance"]]  # fmt: skip
+            both = [s for s in kept if (*pair, s) in base and not base[(*pair, s)]["near_chance"]]
+            delta = ""
+            if shape != "none" and deltas:
+                spread = f" ± {statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
+                delta = f"{statistics.mean(deltas):+.1f}{spread} (n={len(deltas)})"
+                undefended = statistics.mean(base[(*pair, s)]["asr"] for s in both)
+                reductions.append(1 - statistics.mean(runs[s]["asr"] for s in both) / undefended)
+            chance = len(runs) - len(kept)
+            lines.append(
+                f"| {shape}, {setting[1]:g}, {setting[2]:g}, {lr:g} | {pair[0]} + {pair[1]} | "
+                f"{','.join(map(str, sorted(runs)))} | {statistics.mean(runs[s]['cacc'] for s in kept or runs):.3f}"
+                f"{f' ({chance} at chance)' if chance else ''} | {delta} | "
+                f"{statistics.mean(runs[s]['asr'] for s in kept or runs):.3f} |"
+            )
+        if reductions:
+            totals.append(f"- {shape}, λ {setting[1]:g} / {setting[2]:g}, lr {lr:g}: mean ASR reduction "
+                          f"{100 * statistics.mean(reductions):.1f}% over {len(reductions)} pairs")  # fmt: skip
+    return "\n".join(lines + [""] + totals)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, required=True)
+    parser.add_argument("--summarise", type=Path, nargs="+", metavar="CELLS",
+                        help="Print the Markdown table of these cell files (with the journal's validation cells) "
+                             "and stop.")  # fmt: skip
+    parser.add_argument("--journal", type=Path, default=ROOT / "results" / "defense_cells.jsonl",
+                        help="The benchmark's journal, for --summarise.")  # fmt: skip
+    parser.add_argument("--shape", choices=SHAPES)
     parser.add_argument("--lam", type=float, default=None, help="λ_consistency (default: the shape's variant's).")
     parser.add_argument("--margin", type=float, default=0.05, help="The hinge's margin (mean squared distance).")
     parser.add_argument("--tau", type=float, default=0.1, help="The contrastive shape's temperature.")
     parser.add_argument("--cacc-n", type=int, default=None, help="CACC on this many clean sentences (defense.py's).")
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
-    parser.add_argument("--cells", nargs="+", required=True, help="encoder:peft:seed, e.g. neuba:adapter:0")
+    parser.add_argument("--lam-attn", type=float, default=0.0, help="λ_attn of the attention term beside it.")
+    parser.add_argument("--cells", nargs="+", help="encoder:peft:seed, e.g. neuba:adapter:0")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.summarise:
+        print(summarise(setting_cells(args.summarise, args.journal)))
+        return
+    if args.shape is None or args.cells is None:
+        parser.error("give --shape and --cells (or --summarise).")
     cells = consistency_schedule.parse_cells(parser, args.cells, pefts=defense.PEFTS)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -157,13 +266,14 @@ def main() -> None:
     defended = args.shape != "none"
     for spec, (encoder, peft, seed) in zip(args.cells, cells):
         path = defense.plant(encoder, sizes)
-        cell = defense.run_cell(encoder, path, peft, int(seed), defended, (0.0, 0.0), sizes, split="validation",
+        lambdas = (0.0, args.lam_attn if defended else 0.0)
+        cell = defense.run_cell(encoder, path, peft, int(seed), defended, lambdas, sizes, split="validation",
                                 variant="side-run" if defended else "reference")  # fmt: skip
         spread, square = summary_spread(tuned["model"], tuned["tokenizer"], sizes)
         row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
                "margin": args.margin if args.shape == "hinge" else None,
                "tau": args.tau if args.shape == "contrastive" else None, "cacc_n": args.cacc_n,
-               "lr": defense.LEARNING_RATES[peft],
+               "lr": defense.LEARNING_RATES[peft], "lambda_attn": args.lam_attn if defended else 0.0,
                "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,
                "summary_spread": float(f"{spread:.4g}"), "summary_sq": float(f"{square:.4g}")}  # fmt: skip

@@ -1,0 +1,78 @@
+"""The side-run scripts beside `benchmarks/defense.py`: their summaries, without fine-tuning anything."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _shapes_module():
+    spec = importlib.util.spec_from_file_location("consistency_shapes", ROOT / "benchmarks" / "consistency_shapes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _side(shape, encoder, peft, seed, cacc, asr, lam=0.003, attn=0.003, lr=1e-3, cacc_n=500, near_chance=False):
+    defended = shape != "none"
+    return {"shape": shape, "lambda_consistency": lam if defended else 0.0, "lambda_attn": attn if defended else 0.0,
+            "lr": lr, "cacc_n": cacc_n, "encoder": encoder, "peft": peft, "seed": seed, "cacc": cacc, "asr": asr,
+            "near_chance": near_chance}  # fmt: skip
+
+
+def _journal(encoder, peft, seed, cacc, asr, defended, variant="reference", attn=0.0, near_chance=False):
+    return {"encoder": encoder, "peft": peft, "seed": seed, "cacc": cacc, "asr": asr, "defended": defended,
+            "variant": variant, "lambda_amp": 0.0, "lambda_attn": attn, "split": "validation", "protocol": 2,
+            "near_chance": near_chance}  # fmt: skip
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_summary_pairs_each_run_with_the_undefended_run_of_its_seed_and_learning_rate(tmp_path):
+    shapes = _shapes_module()
+    journal = _write(tmp_path / "journal.jsonl", [
+        _journal("por", "adapter", 0, 0.75, 1.0, False),
+        _journal("por", "adapter", 0, 0.70, 0.1, True, "scan-relative", 0.003),
+        _journal("por", "adapter", 1, 0.74, 1.0, False, near_chance=False),
+        _journal("por", "lora", 0, 0.70, 0.9, False),  # no defended run of this pair at lr 1e-3: an undefended row
+        {**_journal("por", "adapter", 5, 0.9, 0.0, False), "protocol": 1},  # CACC on 200: left out
+        {**_journal("por", "adapter", 6, 0.9, 0.0, False), "split": "test"},  # not validation: left out
+    ])  # fmt: skip
+    side = _write(tmp_path / "side.jsonl", [
+        _side("relative-grad", "por", "adapter", 1, 0.70, 0.3),
+        _side("relative-grad", "por", "adapter", 2, 0.60, 0.3),  # its undefended seed 2 is at chance
+        _side("none", "por", "adapter", 2, 0.50, 1.0, near_chance=True),
+        _side("relative-grad", "por", "adapter", 0, 0.70, 0.1),  # the journal's own cell, measured again
+        _side("relative-grad", "por", "adapter", 3, 0.99, 0.0, cacc_n=None),  # CACC on 200: left out
+        _side("none", "por", "adapter", 0, 0.80, 0.5, lr=2e-3),
+        _side("relative-grad", "por", "adapter", 0, 0.81, 0.05, lr=2e-3),
+    ])  # fmt: skip
+    found = shapes.setting_cells([side], journal)
+    assert set(found[("relative-grad", 0.003, 0.003, 1e-3)]) == {("por", "adapter", s) for s in (0, 1, 2)}
+    assert set(found[("none", 0.0, 0.0, 1e-3)]) == {("por", "adapter", 0), ("por", "adapter", 1),
+                                                    ("por", "adapter", 2), ("por", "lora", 0)}  # fmt: skip
+    table = shapes.summarise(found)
+    rows = {" ".join(line.split(" | ")[:2]): line for line in table.splitlines() if "por + adapter" in line}
+    # seeds 0 and 1 against their own undefended runs (-5, -4); seed 2's undefended run is at chance
+    assert "-4.5 ± 0.7 (n=2)" in rows["| relative-grad, 0.003, 0.003, 0.001 por + adapter"]
+    assert "+1.0 (n=1)" in rows["| relative-grad, 0.003, 0.003, 0.002 por + adapter"]
+    # ASR reduction over the seeds whose two runs are above chance: 1 - 0.2 / 1.0, and 1 - 0.05 / 0.5
+    assert "relative-grad, λ 0.003 / 0.003, lr 0.001: mean ASR reduction 80.0% over 1 pairs" in table
+    assert "relative-grad, λ 0.003 / 0.003, lr 0.002: mean ASR reduction 90.0% over 1 pairs" in table
+
+
+def test_summary_refuses_two_different_results_for_one_cell(tmp_path):
+    shapes = _shapes_module()
+    journal = _write(tmp_path / "journal.jsonl", [_journal("por", "adapter", 0, 0.70, 0.1, True, "scan-relative",
+                                                           0.003)])  # fmt: skip
+    side = _write(tmp_path / "side.jsonl", [_side("relative-grad", "por", "adapter", 0, 0.71, 0.1)])
+    with pytest.raises(SystemExit, match="two different results"):
+        shapes.setting_cells([side], journal)
