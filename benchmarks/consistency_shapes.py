@@ -57,6 +57,7 @@ import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
 SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "hinge", "kl", "mse-eval", "contrastive", "none")
+FIRST_SPREAD: list[float] = []  # `relative-capped`: the clean spread of the current fine-tune's first batch
 
 
 def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
@@ -86,15 +87,14 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
         overrides = dict(defense.VARIANTS["scan-relative"])
     elif shape == "relative-capped":
         overrides = dict(defense.VARIANTS["scan-relative"])
-        first: list[float] = []
 
         def capped(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
             clean = clean.float()
             distance = ((perturbed.float() - clean.detach()) ** 2).sum(-1).mean()
             spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
-            if not first:  # the first training batch's spread: the term pays for a collapse below it, never above
-                first.append(float(spread))
-            return distance / torch.clamp(spread, min=1e-6, max=first[0])
+            if not FIRST_SPREAD:  # the first training batch's: the term pays for a collapse below it, never above
+                FIRST_SPREAD.append(float(spread))
+            return distance / torch.clamp(spread, min=1e-6, max=FIRST_SPREAD[0])
 
         core.relative_consistency_loss = capped
     elif shape == "contrastive":
@@ -151,8 +151,9 @@ JOURNAL_SETTINGS = {
 
 def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[tuple, dict]]:
     """Cells measured with CACC on all 500 validation sentences, by setting ``(shape, λ_consistency, λ_attn, lr)``
-    then by ``(encoder, peft, seed)``: this script's lines, and the matching validation cells of the benchmark's
-    ``journal`` (at its own learning rate; a side-run line of the same cell and setting is checked against it)."""
+    (the shape with its margin or τ, if any), then by ``(encoder, peft, seed)``: this script's lines, and the
+    matching validation cells of the benchmark's ``journal`` (at its own learning rate; a side-run line of the same
+    cell and setting is checked against it)."""
     found: dict[tuple, dict[tuple, dict]] = {}
 
     def add(setting: tuple, cell: dict) -> None:
@@ -167,7 +168,9 @@ def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[t
         for line in path.read_text().splitlines():
             cell = json.loads(line)
             if cell.get("cacc_n") == 500:
-                add((cell["shape"], cell["lambda_consistency"], cell.get("lambda_attn", 0.0), cell["lr"]), cell)
+                shape = cell["shape"] + "".join(f" ({name} {cell[name]:g})" for name in ("margin", "tau")
+                                                if cell.get(name) is not None)  # fmt: skip
+                add((shape, cell["lambda_consistency"], cell.get("lambda_attn", 0.0), cell["lr"]), cell)
     for line in journal.read_text().splitlines() if journal else ():
         cell = json.loads(line)
         name = (cell.get("variant", "reference"), cell["lambda_amp"], cell["lambda_attn"], cell["defended"])
@@ -196,9 +199,8 @@ def summarise(found: dict[tuple, dict[tuple, dict]]) -> str:
         for pair in sorted({k[:2] for k in found[setting]}, key=lambda p: (p[1], p[0])):
             runs = {k[2]: c for k, c in found[setting].items() if k[:2] == pair}
             kept = [s for s in runs if not runs[s]["near_chance"]]
-            deltas = [100 * (runs[s]["cacc"] - base[(*pair, s)]["cacc"]) for s in kept
-                      if (*pair, s) in base and not base[(*pair, s)]["near_chance"]]  # fmt: skip
             both = [s for s in kept if (*pair, s) in base and not base[(*pair, s)]["near_chance"]]
+            deltas = [100 * (runs[s]["cacc"] - base[(*pair, s)]["cacc"]) for s in both]
             delta = ""
             if shape != "none" and deltas:
                 spread = f" ± {statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
@@ -258,6 +260,7 @@ def main() -> None:
 
     def keep_model(model, tokenizer, *a, **kw):  # run_cell imports fine_tune from hf_obliviate.trainer when it runs
         tuned["model"], tuned["tokenizer"] = model, tokenizer
+        FIRST_SPREAD.clear()  # each cell's fine-tune caps the spread at its own first batch's
         return fine_tune(model, tokenizer, *a, **kw)
 
     trainer.fine_tune = keep_model

@@ -17,8 +17,8 @@ train = train.map(lambda batch: tokenizer(batch["text"], truncation=True, max_le
 
 # The defense's defaults (hf_obliviate.config.CLASSIFIER_DEFAULTS, chosen on the defense benchmark's validation
 # split) first scan the vocabulary for tokens that move the [CLS] output (about a minute here), then train with a
-# copy of each batch that has one inserted, plus the attention term (lambda_consistency=0, lambda_amp=3e-4,
-# lambda_attn=3e-3: METHOD.md's recipe).
+# copy of each batch that has one inserted, plus the attention term. METHOD.md's recipe instead: pass
+# lambda_consistency=0, lambda_amp=3e-4, lambda_attn=3e-3.
 args = ObliviateTrainingArguments(
     output_dir="obliviate-quickstart",
     learning_rate=5e-4,
