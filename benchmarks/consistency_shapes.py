@@ -21,6 +21,8 @@ Shapes (``--shape``):
             ``consistency_target="relative"``, the `scan-relative` variant of benchmarks/defense.py (λ 0.003)
   relative-capped  ``relative-grad`` with the spread capped at the first training batch's (a constant): a collapse
             below it costs, a spread above it earns nothing (``relative-grad`` rewards any growth of the spread)
+  mse-guard  ``mse`` (its weight, 0.03) plus ``relu(1 - spread / the first batch's spread)``, the clean states with
+            their gradients: the squared distance pulls as the default does, and a collapse of the spread costs
   contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
             to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
             largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
@@ -56,8 +58,9 @@ import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
-SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "hinge", "kl", "mse-eval", "contrastive", "none")
-FIRST_SPREAD: list[float] = []  # `relative-capped`: the clean spread of the current fine-tune's first batch
+SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "hinge", "kl", "mse-eval", "contrastive",
+          "none")  # fmt: skip
+FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
 
 
 def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
@@ -93,10 +96,23 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
             distance = ((perturbed.float() - clean.detach()) ** 2).sum(-1).mean()
             spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
             if not FIRST_SPREAD:  # the first training batch's: the term pays for a collapse below it, never above
-                FIRST_SPREAD.append(float(spread))
+                FIRST_SPREAD.append(float(spread.detach()))
             return distance / torch.clamp(spread, min=1e-6, max=FIRST_SPREAD[0])
 
         core.relative_consistency_loss = capped
+    elif shape == "mse-guard":
+        overrides = {**defense.VARIANTS["scan-relative"], "lambda_consistency":
+                     defense.VARIANTS["scan-consistency"]["lambda_consistency"]}  # fmt: skip
+
+        def guarded(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
+            clean = clean.float()
+            spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+            if not FIRST_SPREAD:
+                FIRST_SPREAD.append(float(spread.detach()))
+            guard = torch.relu(1 - spread / max(FIRST_SPREAD[0], 1e-6))  # 0 until the spread falls below the first
+            return torch.nn.functional.mse_loss(perturbed.float(), clean.detach()) + guard
+
+        core.relative_consistency_loss = guarded
     elif shape == "contrastive":
 
         def contrastive(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:

@@ -76,3 +76,33 @@ def test_summary_refuses_two_different_results_for_one_cell(tmp_path):
     side = _write(tmp_path / "side.jsonl", [_side("relative-grad", "por", "adapter", 0, 0.71, 0.1)])
     with pytest.raises(SystemExit, match="two different results"):
         shapes.setting_cells([side], journal)
+
+
+def test_spread_guards_pay_for_a_collapse_below_the_first_batch_and_nothing_above(monkeypatch):
+    import torch
+
+    import hf_obliviate.defense as core
+
+    shapes = _shapes_module()
+    clean = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # spread 1
+    moved = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # every row moved by 1 in the second feature
+    for shape in ("mse-guard", "relative-capped"):
+        monkeypatch.setattr(core, "relative_consistency_loss", core.relative_consistency_loss)  # restored after
+        monkeypatch.setattr(shapes, "FIRST_SPREAD", [])
+        overrides = shapes.use_shape(shape, margin=0.05)
+        assert overrides["consistency_target"] == "relative"  # the clean states arrive with their gradients
+        term = core.relative_consistency_loss
+        first = term(clean, clean + moved)  # sets the first batch's spread
+        assert shapes.FIRST_SPREAD == [1.0]
+        wider = term(2 * clean, 2 * clean + moved)
+        collapsed = (0.5 * clean).requires_grad_()
+        narrower = term(collapsed, collapsed.detach() + moved)
+        if shape == "mse-guard":
+            assert overrides["lambda_consistency"] == 0.03
+            assert float(first) == pytest.approx(0.5) and float(wider) == pytest.approx(0.5)  # the squared error
+            assert float(narrower.detach()) == pytest.approx(0.5 + 0.75)  # + relu(1 - 0.25 / 1)
+        else:  # the squared distance over min(spread, first spread)
+            assert float(first) == pytest.approx(1.0) and float(wider) == pytest.approx(1.0)
+            assert float(narrower.detach()) == pytest.approx(4.0)
+        narrower.backward()
+        assert collapsed.grad is not None and collapsed.grad.abs().sum() > 0  # the collapse is pushed back
