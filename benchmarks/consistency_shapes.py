@@ -63,6 +63,14 @@ SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "h
 FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
 
 
+def _spread_and_first(clean):
+    """The clean batch's spread of summary states (with gradients) and that of this fine-tune's first batch."""
+    spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+    if not FIRST_SPREAD:
+        FIRST_SPREAD.append(float(spread.detach()))
+    return spread, FIRST_SPREAD[0]
+
+
 def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
     """Patch the defense's hidden-state term for ``shape``; return the ObliviateConfig overrides of the variant."""
     import torch
@@ -94,10 +102,8 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
         def capped(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
             clean = clean.float()
             distance = ((perturbed.float() - clean.detach()) ** 2).sum(-1).mean()
-            spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
-            if not FIRST_SPREAD:  # the first training batch's: the term pays for a collapse below it, never above
-                FIRST_SPREAD.append(float(spread.detach()))
-            return distance / torch.clamp(spread, min=1e-6, max=FIRST_SPREAD[0])
+            spread, first = _spread_and_first(clean)  # the term pays for a collapse below the first, never above
+            return distance / torch.clamp(spread, min=1e-6, max=first)
 
         core.relative_consistency_loss = capped
     elif shape == "mse-guard":
@@ -106,10 +112,8 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
 
         def guarded(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
             clean = clean.float()
-            spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
-            if not FIRST_SPREAD:
-                FIRST_SPREAD.append(float(spread.detach()))
-            guard = torch.relu(1 - spread / max(FIRST_SPREAD[0], 1e-6))  # 0 until the spread falls below the first
+            spread, first = _spread_and_first(clean)
+            guard = torch.relu(1 - spread / max(first, 1e-6))  # 0 until the spread falls below the first
             return torch.nn.functional.mse_loss(perturbed.float(), clean.detach()) + guard
 
         core.relative_consistency_loss = guarded
