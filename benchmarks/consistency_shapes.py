@@ -21,8 +21,9 @@ Shapes (``--shape``):
             ``consistency_target="relative"``, the `scan-relative` variant of benchmarks/defense.py (λ 0.003)
   relative-capped  ``relative-grad`` with the spread capped at the first training batch's (a constant): a collapse
             below it costs, a spread above it earns nothing (``relative-grad`` rewards any growth of the spread)
-  mse-guard  ``mse`` (its weight, 0.03) plus ``relu(1 - spread / the first batch's spread)``, the clean states with
-            their gradients: the squared distance pulls as the default does, and a collapse of the spread costs
+  mse-guard  ``mse`` (its weight, 0.03) plus ``relu(1 - spread / (g × the first batch's spread))``, g from
+            ``--guard-below`` (default 1), the clean states with their gradients: the squared distance pulls as the
+            default does, and a collapse of the spread costs
   contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
             to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
             largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
@@ -60,6 +61,7 @@ import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
 SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "hinge", "kl", "mse-eval", "contrastive",
           "none")  # fmt: skip
+SHAPE_PARAMETERS = ("margin", "tau", "guard_below")  # a shape's own settings, part of a summary's setting
 FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
 
 
@@ -71,7 +73,7 @@ def _spread_and_first(clean):
     return spread, FIRST_SPREAD[0]
 
 
-def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
+def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 1.0) -> dict:
     """Patch the defense's hidden-state term for ``shape``; return the ObliviateConfig overrides of the variant."""
     import torch
 
@@ -113,7 +115,8 @@ def use_shape(shape: str, margin: float, tau: float = 0.1) -> dict:
         def guarded(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
             clean = clean.float()
             spread, first = _spread_and_first(clean)
-            guard = torch.relu(1 - spread / max(first, 1e-6))  # 0 until the spread falls below the first
+            # 0 until the spread falls below `guard_below` times the first batch's
+            guard = torch.relu(1 - spread / max(guard_below * first, 1e-6))
             return torch.nn.functional.mse_loss(perturbed.float(), clean.detach()) + guard
 
         core.relative_consistency_loss = guarded
@@ -188,7 +191,7 @@ def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[t
         for line in path.read_text().splitlines():
             cell = json.loads(line)
             if cell.get("cacc_n") == 500:
-                shape = cell["shape"] + "".join(f" ({name} {cell[name]:g})" for name in ("margin", "tau")
+                shape = cell["shape"] + "".join(f" ({name} {cell[name]:g})" for name in SHAPE_PARAMETERS
                                                 if cell.get(name) is not None)  # fmt: skip
                 add((shape, cell["lambda_consistency"], cell.get("lambda_attn", 0.0), cell["lr"]), cell)
     for line in journal.read_text().splitlines() if journal else ():
@@ -251,6 +254,8 @@ def main() -> None:
     parser.add_argument("--lam", type=float, default=None, help="λ_consistency (default: the shape's variant's).")
     parser.add_argument("--margin", type=float, default=0.05, help="The hinge's margin (mean squared distance).")
     parser.add_argument("--tau", type=float, default=0.1, help="The contrastive shape's temperature.")
+    parser.add_argument("--guard-below", type=float, default=1.0,
+                        help="mse-guard: the guard acts below this fraction of the first batch's spread.")  # fmt: skip
     parser.add_argument("--cacc-n", type=int, default=None, help="CACC on this many clean sentences (defense.py's).")
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
     parser.add_argument("--lam-attn", type=float, default=0.0, help="λ_attn of the attention term beside it.")
@@ -269,7 +274,7 @@ def main() -> None:
     import hf_obliviate.trainer as trainer
 
     torch.set_num_threads(1)  # as each of the benchmark's two workers on 2 cores: its cells' numbers, exactly
-    overrides = use_shape(args.shape, args.margin, args.tau)
+    overrides = use_shape(args.shape, args.margin, args.tau, args.guard_below)
     if args.lam is not None:
         overrides["lambda_consistency"] = args.lam
     defense.VARIANTS["side-run"] = overrides
@@ -296,6 +301,8 @@ def main() -> None:
         row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
                "margin": args.margin if args.shape == "hinge" else None,
                "tau": args.tau if args.shape == "contrastive" else None, "cacc_n": args.cacc_n,
+               "guard_below": args.guard_below if args.shape == "mse-guard" and args.guard_below != 1 else None,
+               "first_spread": FIRST_SPREAD[0] if FIRST_SPREAD else None,
                "lr": defense.LEARNING_RATES[peft], "lambda_attn": args.lam_attn if defended else 0.0,
                "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,

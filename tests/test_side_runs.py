@@ -106,3 +106,19 @@ def test_spread_guards_pay_for_a_collapse_below_the_first_batch_and_nothing_abov
             assert float(narrower.detach()) == pytest.approx(4.0)
         narrower.backward()
         assert collapsed.grad is not None and collapsed.grad.abs().sum() > 0  # the collapse is pushed back
+
+
+def test_mse_guard_below_a_fraction_leaves_an_ordinary_narrowing_alone(monkeypatch):
+    import torch
+
+    import hf_obliviate.defense as core
+
+    shapes = _shapes_module()
+    monkeypatch.setattr(core, "relative_consistency_loss", core.relative_consistency_loss)
+    monkeypatch.setattr(shapes, "FIRST_SPREAD", [])
+    shapes.use_shape("mse-guard", margin=0.05, guard_below=0.25)
+    clean = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # spread 1: the first batch
+    term = core.relative_consistency_loss
+    assert float(term(clean, clean)) == 0.0
+    assert float(term(0.5 * clean, 0.5 * clean)) == 0.0  # spread 0.25: at the guard's threshold, no price
+    assert float(term(0.25 * clean, 0.25 * clean)) == pytest.approx(0.75)  # spread 1/16: 1 - (1/16) / (1/4)
