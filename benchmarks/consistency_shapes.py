@@ -58,6 +58,9 @@ sys.path.insert(0, str(ROOT))
 import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
+from hf_obliviate.consistency import state_spread  # noqa: E402
+from hf_obliviate.metrics import asr_reduction  # noqa: E402
+
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
 SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "hinge", "kl", "mse-eval", "contrastive",
           "none")  # fmt: skip
@@ -67,7 +70,7 @@ FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spre
 
 def _spread_and_first(clean):
     """The clean batch's spread of summary states (with gradients) and that of this fine-tune's first batch."""
-    spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+    spread = state_spread(clean)
     if not FIRST_SPREAD:
         FIRST_SPREAD.append(float(spread.detach()))
     return spread, FIRST_SPREAD[0]
@@ -86,7 +89,7 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
 
         def relative(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
             distance = ((perturbed.float() - clean.detach().float()) ** 2).sum(-1).mean()
-            spread = ((clean.float() - clean.float().mean(0)) ** 2).sum(-1).mean()
+            spread = state_spread(clean.float())
             return distance / spread.clamp_min(1e-6)
 
         core.hidden_consistency_loss = relative
@@ -161,15 +164,16 @@ def summary_spread(model, tokenizer, sizes: defense.Sizes) -> tuple[float, float
     model.eval()
     with torch.no_grad():
         states = summary_state(model, dict(batch))[0].float()
-    return float(((states - states.mean(0)) ** 2).sum(-1).mean()), float((states**2).sum(-1).mean())
+    return float(state_spread(states)), float((states**2).sum(-1).mean())
 
 
 # The benchmark's validation cells as settings of this script: (shape, λ_consistency, λ_attn), at its learning rate.
 JOURNAL_SETTINGS = {
     ("reference", 0.0, 0.0, False): ("none", 0.0, 0.0),
-    ("scan-consistency", 0.0, 0.0, True): ("mse", 0.03, 0.0),
-    ("scan-relative", 0.0, 0.003, True): ("relative-grad", 0.003, 0.003),
-}
+    ("scan-consistency", 0.0, 0.0, True): ("mse", defense.VARIANTS["scan-consistency"]["lambda_consistency"], 0.0),
+    ("scan-relative", 0.0, 0.003, True): ("relative-grad", defense.VARIANTS["scan-relative"]["lambda_consistency"],
+                                          0.003),
+}  # fmt: skip
 
 
 def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[tuple, dict]]:
@@ -229,7 +233,7 @@ def summarise(found: dict[tuple, dict[tuple, dict]]) -> str:
                 spread = f" ± {statistics.stdev(deltas):.1f}" if len(deltas) > 1 else ""
                 delta = f"{statistics.mean(deltas):+.1f}{spread} (n={len(deltas)})"
                 undefended = statistics.mean(base[(*pair, s)]["asr"] for s in both)
-                reductions.append(1 - statistics.mean(runs[s]["asr"] for s in both) / undefended)
+                reductions.append(asr_reduction(undefended, statistics.mean(runs[s]["asr"] for s in both)))
             chance = len(runs) - len(kept)
             lines.append(
                 f"| {shape}, {setting[1]:g}, {setting[2]:g}, {lr:g} | {pair[0]} + {pair[1]} | "

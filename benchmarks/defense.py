@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from hf_obliviate.config import SCAN_CONSISTENCY, SCAN_RELATIVE, ObliviateConfig
+from hf_obliviate.metrics import asr_reduction
 
 ROOT = Path(__file__).resolve().parent
 ATTACKS = ("por", "neuba", "badpre", "uor")
@@ -597,7 +598,7 @@ def _ranked(
         if min_reduction > 0:
             undefended = [mean(bases[k]["asr"] for k in keys) for keys in by_encoder.values()]
             defended = [mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values()]
-            if mean(1 - d / u if u > 0 else 0.0 for d, u in zip(defended, undefended)) < min_reduction:
+            if mean(asr_reduction(u, d) if u > 0 else 0.0 for d, u in zip(defended, undefended)) < min_reduction:
                 continue
         asr = mean(mean(runs[k]["asr"] for k in keys) for keys in by_encoder.values())
         scored.append((0.0 if strict else drop, (asr, -mean(cacc.values()), setting, runs)))
@@ -782,14 +783,14 @@ def summarise(cells: list[dict]) -> list[dict]:
         mean = statistics.mean
         asr_u, asr_d = mean(c["asr"] for c in und), mean(c["asr"] for c in dfd)
         cacc_u, cacc_d = mean(c["cacc"] for c in und), mean(c["cacc"] for c in dfd)
-        reduction = (asr_u - asr_d) / asr_u if asr_u > 0 else float("nan")
+        reduction = asr_reduction(asr_u, asr_d)
         # the mean over attacks uses the seeds whose two runs are both above chance (a model at chance shows no
         # backdoor whether or not the defense works); the row itself averages every paired seed
         chance = {c["seed"] for c in und + dfd if c["near_chance"]}
         clean = [(u, d) for u in und for d in dfd if u["seed"] == d["seed"] and u["seed"] not in chance]
         asr_cu = mean(u["asr"] for u, _ in clean) if clean else float("nan")
         asr_cd = mean(d["asr"] for _, d in clean) if clean else float("nan")
-        reduction_clean = (asr_cu - asr_cd) / asr_cu if clean and asr_cu > 0 else float("nan")
+        reduction_clean = asr_reduction(asr_cu, asr_cd)  # nan without a clean seed
         drops = {
             side: [c.get("extra", {}).get("accuracy_drop") for c in runs]
             for side, runs in (("undefended", und), ("defended", dfd))

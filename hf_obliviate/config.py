@@ -9,6 +9,8 @@ from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
 CONSISTENCY_TOKENS = ("rare", "scan")
 CONSISTENCY_TARGETS = ("logits", "hidden", "relative")
+# The targets that compare summary hidden states (read from the main forward pass when it keeps its hidden states).
+HIDDEN_TARGETS = ("hidden", "relative")
 
 __all__ = [
     "CLASSIFIER_DEFAULTS",

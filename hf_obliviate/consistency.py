@@ -40,6 +40,7 @@ __all__ = [
     "rare_token_pool",
     "relative_consistency_loss",
     "scan_trigger_tokens",
+    "state_spread",
 ]
 
 # Per-token inputs the insertion knows how to extend: the value of the inserted position.
@@ -205,6 +206,22 @@ def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.
     return F.mse_loss(perturbed_hidden.float(), clean_hidden.detach().float())
 
 
+def state_spread(states: torch.Tensor) -> torch.Tensor:
+    """The spread of ``(batch, hidden)`` summary states: their mean squared distance to their mean (summed over
+    features, averaged over the batch), with gradients.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.consistency import state_spread
+    >>> float(state_spread(torch.tensor([[1.0, 0.0], [-1.0, 0.0]])))
+    1.0
+
+    ```
+    """
+    return ((states - states.mean(0)) ** 2).sum(-1).mean()
+
+
 def relative_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> torch.Tensor:
     """The squared distance of each copy's summary state to its clean one (the clean side detached, a target), summed
     over features and averaged over the batch, divided by the clean batch's *spread*: the mean squared distance of the
@@ -231,7 +248,7 @@ def relative_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torc
     distance = ((perturbed_hidden.float() - clean.detach()) ** 2).sum(-1).mean()
     if clean.shape[0] < 2:
         return distance * 0.0
-    spread = ((clean - clean.mean(0)) ** 2).sum(-1).mean()
+    spread = state_spread(clean)
     return distance / spread.clamp_min(torch.finfo(spread.dtype).tiny)
 
 

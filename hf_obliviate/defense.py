@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
-from .config import ObliviateConfig
+from .config import HIDDEN_TARGETS, ObliviateConfig
 from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens, relative_consistency_loss
 from .losses import amplification_loss
 from .probing import hidden_states_of, summary_of, summary_state
@@ -224,7 +224,7 @@ class ObliviateDefense:
             raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
         model = model or self.model
         perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
-        if self.config.consistency_target in ("hidden", "relative"):
+        if self.config.consistency_target in HIDDEN_TARGETS:
             clean = {k: v for k, v in inputs.items() if k in perturbed}
             in_outputs = hidden_states_of(outputs) is not None
             if self.config.consistency_target == "relative":  # with gradients: the clean spread is part of the term

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from hf_obliviate.bottleneck import BottleneckAdapterModel
-from hf_obliviate.config import ObliviateConfig
+from hf_obliviate.config import HIDDEN_TARGETS, ObliviateConfig
 from hf_obliviate.consistency import rare_token_pool, scan_trigger_tokens
 from hf_obliviate.defense import ObliviateDefense
 
@@ -179,7 +179,7 @@ class ObliviateTrainerMixin:
         consistency = self.obliviate_config.lambda_consistency > 0
         # the hidden target's clean side comes from this forward pass (its hidden states are kept for the backward
         # pass anyway) instead of a forward pass of its own
-        hidden = consistency and self.obliviate_config.consistency_target in ("hidden", "relative")
+        hidden = consistency and self.obliviate_config.consistency_target in HIDDEN_TARGETS
         with self.obliviate_defense.track(**capture_inputs, grad_only=True) as step:
             result = super().compute_loss(
                 model,
