@@ -24,6 +24,9 @@ Shapes (``--shape``):
   mse-guard  ``mse`` (its weight, 0.03) plus ``relu(1 - spread / (g × the first batch's spread))``, g from
             ``--guard-below`` (default 1), the clean states with their gradients: the squared distance pulls as the
             default does, and a collapse of the spread costs
+  mse-pcgrad  ``mse`` with its gradient projected off the task loss's gradient on the steps where the two conflict
+            (a negative inner product over the trainable parameters: PCGrad, Yu et al. 2020, one way), so that the
+            term cannot buy its pull by unlearning the task; rows record the share of steps that conflicted
   contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
             to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
             largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
@@ -62,10 +65,11 @@ from hf_obliviate.consistency import state_spread  # noqa: E402
 from hf_obliviate.metrics import asr_reduction  # noqa: E402
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
-SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "hinge", "kl", "mse-eval", "contrastive",
-          "none")  # fmt: skip
+SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "mse-pcgrad", "hinge", "kl", "mse-eval",
+          "contrastive", "none")  # fmt: skip
 SHAPE_PARAMETERS = ("margin", "tau", "guard_below")  # a shape's own settings, part of a summary's setting
 FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
+CONFLICTS: list[float] = []  # `mse-pcgrad`: per step of this fine-tune, the cosine of the task and defense gradients
 
 
 def _spread_and_first(clean):
@@ -123,6 +127,10 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
             return torch.nn.functional.mse_loss(perturbed.float(), clean.detach()) + guard
 
         core.relative_consistency_loss = guarded
+    elif shape == "mse-pcgrad":
+        from hf_obliviate.trainer import ObliviateTrainerMixin
+
+        ObliviateTrainerMixin._defended_loss = _projected(ObliviateTrainerMixin._defended_loss)
     elif shape == "contrastive":
 
         def contrastive(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -149,6 +157,44 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
 
         core.ObliviateDefense.consistency_loss = without_dropout
     return overrides
+
+
+def _projected(defended_loss):
+    """``_defended_loss`` whose defense terms' gradient loses its component along the task loss's gradient when the
+    two point against each other (the task's is kept whole): the returned loss has the task loss's value plus the
+    terms', and as its gradient ``(1 - c) · g_task + g_terms`` with ``c = min(0, g_task · g_terms) / |g_task|²``."""
+    import torch
+
+    def projected(self, model, inputs, return_outputs, num_items_in_batch, **capture_inputs):
+        record = self._record_terms
+        seen = {}
+
+        def keep_task(task_loss, terms):  # the task loss as `_defended_loss` logs it (divided by the scale)
+            seen["task"] = task_loss
+            record(task_loss, terms)
+
+        self._record_terms = keep_task
+        try:
+            result = defended_loss(self, model, inputs, return_outputs, num_items_in_batch, **capture_inputs)
+        finally:
+            del self._record_terms
+        loss = result[0] if return_outputs else result
+        task = seen["task"] * self._extra_terms_scale(num_items_in_batch)
+        params = [p for p in model.parameters() if p.requires_grad]
+        g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+        g_terms = torch.autograd.grad(loss - task, params, retain_graph=True, allow_unused=True)
+        g_task = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_task)]
+        g_terms = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_terms)]
+        dot = sum((a * b).sum() for a, b in zip(g_task, g_terms))
+        norm = sum((a * a).sum() for a in g_task)
+        other = sum((b * b).sum() for b in g_terms)
+        CONFLICTS.append(float(dot / (norm.sqrt() * other.sqrt()).clamp_min(1e-12)))
+        c = torch.clamp(dot / norm.clamp_min(1e-12), max=0.0)
+        surrogate = sum((p * ((1 - c) * a + b).detach()).sum() for p, a, b in zip(params, g_task, g_terms))
+        loss = surrogate - surrogate.detach() + loss.detach()  # that value, that gradient, no second pass
+        return (loss, result[1]) if return_outputs else loss
+
+    return projected
 
 
 def summary_spread(model, tokenizer, sizes: defense.Sizes) -> tuple[float, float]:
@@ -290,6 +336,7 @@ def main() -> None:
     def keep_model(model, tokenizer, *a, **kw):  # run_cell imports fine_tune from hf_obliviate.trainer when it runs
         tuned["model"], tuned["tokenizer"] = model, tokenizer
         FIRST_SPREAD.clear()  # each cell's fine-tune caps the spread at its own first batch's
+        CONFLICTS.clear()
         return fine_tune(model, tokenizer, *a, **kw)
 
     trainer.fine_tune = keep_model
@@ -307,6 +354,8 @@ def main() -> None:
                "tau": args.tau if args.shape == "contrastive" else None, "cacc_n": args.cacc_n,
                "guard_below": args.guard_below if args.shape == "mse-guard" and args.guard_below != 1 else None,
                "first_spread": FIRST_SPREAD[0] if FIRST_SPREAD else None,
+               **({"conflicting_steps": sum(c < 0 for c in CONFLICTS) / len(CONFLICTS),
+                   "mean_cosine": round(sum(CONFLICTS) / len(CONFLICTS), 4)} if CONFLICTS else {}),
                "lr": defense.LEARNING_RATES[peft], "lambda_attn": args.lam_attn if defended else 0.0,
                "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,

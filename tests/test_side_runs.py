@@ -123,3 +123,42 @@ def test_mse_guard_below_a_fraction_leaves_an_ordinary_narrowing_alone(monkeypat
     assert float(term(clean, clean)) == 0.0
     assert float(term(0.5 * clean, 0.5 * clean)) == 0.0  # spread 0.25: at the guard's threshold, no price
     assert float(term(0.25 * clean, 0.25 * clean)) == pytest.approx(0.75)  # spread 1/16: 1 - (1/16) / (1/4)
+
+
+def test_pcgrad_shape_projects_the_defense_gradient_off_the_task_gradient_only_where_they_conflict(monkeypatch):
+    import torch
+
+    shapes = _shapes_module()
+    monkeypatch.setattr(shapes, "CONFLICTS", [])
+    weight = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    model = torch.nn.Module()
+    model.weight = weight
+
+    class Trainer:
+        def __init__(self, pull):
+            self.pull, self.logged = torch.tensor(pull), []
+
+        def _record_terms(self, task_loss, terms):
+            self.logged.append(float(task_loss.detach()))
+
+        def _extra_terms_scale(self, num_items_in_batch):
+            return 1.0
+
+    def defended_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        task = (model.weight**2).sum() / 2  # gradient (1, 1)
+        terms = (self.pull * model.weight).sum()  # gradient `pull`
+        self._record_terms(task, {"loss_consistency": terms})
+        return task + terms
+
+    projected = shapes._projected(defended_loss)
+    # conflicting: the pull (-2, 0) loses its part along the task's (1, 1), (-1, -1), and becomes (-1, 1): the total
+    # is (0, 2); agreeing: the pull (0.5, 0) is added whole
+    for pull, expected in (([-2.0, 0.0], [0.0, 2.0]), ([0.5, 0.0], [1.5, 1.0])):
+        trainer = Trainer(pull)
+        weight.grad = None
+        loss = projected(trainer, model, {}, False, None)
+        loss.backward()
+        assert weight.grad.tolist() == pytest.approx(expected)
+        assert float(loss.detach()) == pytest.approx(1.0 + sum(pull))  # the value is the unprojected loss's
+        assert trainer.logged == [pytest.approx(1.0)] and "_record_terms" not in vars(trainer)
+    assert shapes.CONFLICTS[0] < 0 < shapes.CONFLICTS[1]
