@@ -91,10 +91,9 @@ class Sizes:
     hour there (once; cached; BadPre and UOR about 20 minutes each, side by side on one thread each), then 43
     validation and 92 test fine-tunes of 100 steps, each evaluated on 200 sentences × (1 + one per trigger) copies
     for the ASR and on the whole split for CACC. On 2 idle cores with the encoders planted and their trigger scans
-    cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side) the validation stage took 27.2
-    minutes from an empty journal (2026-11-25), and the whole run is estimated at about 84 (the last run measured end
-    to end, with 38 validation fine-tunes and CACC on the 200, took 75.4 minutes on 2026-11-24); a plain cell takes
-    about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a minute
+    cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side) the whole run took 80.0 minutes
+    from an empty journal (2026-11-25, results/history/fresh-full-run/; the validation stage about 25); a plain cell
+    takes about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a minute
     per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
     stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
