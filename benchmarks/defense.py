@@ -93,8 +93,8 @@ class Sizes:
     for the ASR and on the whole split for CACC. On 2 idle cores with the encoders planted and their trigger scans
     cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side) the whole run took 80.0 minutes
     from an empty journal (2026-11-25, results/history/fresh-full-run/; the validation stage about 25); a plain cell
-    takes about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a minute
-    per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
+    takes about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a
+    minute per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
     stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
     (other fine-tunes need their own journal)."""
