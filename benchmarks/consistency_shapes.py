@@ -191,7 +191,8 @@ def _projected(defended_loss):
         CONFLICTS.append(float(dot / (norm.sqrt() * other.sqrt()).clamp_min(1e-12)))
         c = torch.clamp(dot / norm.clamp_min(1e-12), max=0.0)
         surrogate = sum((p * ((1 - c) * a + b).detach()).sum() for p, a, b in zip(params, g_task, g_terms))
-        loss = surrogate - surrogate.detach() + loss.detach()  # that value, that gradient, no second pass
+        # that value and that gradient; its backward pass does not go through the model again
+        loss = surrogate - surrogate.detach() + loss.detach()
         return (loss, result[1]) if return_outputs else loss
 
     return projected
