@@ -182,7 +182,8 @@ def _projected(defended_loss):
         task = seen["task"] * self._extra_terms_scale(num_items_in_batch)
         params = [p for p in model.parameters() if p.requires_grad]
         g_task = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
-        g_terms = torch.autograd.grad(loss - task, params, retain_graph=True, allow_unused=True)
+        # the last pass through the model's graph: the returned loss's backward pass does not go through it
+        g_terms = torch.autograd.grad(loss - task, params, allow_unused=True)
         g_task = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_task)]
         g_terms = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_terms)]
         dot = sum((a * b).sum() for a, b in zip(g_task, g_terms))
@@ -191,7 +192,7 @@ def _projected(defended_loss):
         CONFLICTS.append(float(dot / (norm.sqrt() * other.sqrt()).clamp_min(1e-12)))
         c = torch.clamp(dot / norm.clamp_min(1e-12), max=0.0)
         surrogate = sum((p * ((1 - c) * a + b).detach()).sum() for p, a, b in zip(params, g_task, g_terms))
-        # that value and that gradient; its backward pass does not go through the model again
+        # that value and that gradient
         loss = surrogate - surrogate.detach() + loss.detach()
         return (loss, result[1]) if return_outputs else loss
 
