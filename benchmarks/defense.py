@@ -802,6 +802,12 @@ def summarise(cells: list[dict]) -> list[dict]:
                if encoder == "badpre" and None not in drops["undefended"] + drops["defended"] else {}),
             "cacc_undefended": round(cacc_u, 4), "cacc_defended": round(cacc_d, 4),
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
+            # each seed's change against its own undefended run: the seeds of one row often disagree by more than
+            # the 1.5-point floor, and a mean alone hides that
+            "cacc_delta_points_by_seed": {
+                str(u["seed"]): round(100 * (d["cacc"] - u["cacc"]), 2)
+                for u in sorted(und, key=lambda c: c["seed"]) for d in dfd if d["seed"] == u["seed"]
+            },
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
             "asr_reduction": round(reduction, 4),
             "near_chance": bool(chance),
@@ -932,6 +938,7 @@ def write(
             "lambda_attn": r["lambda_attn"], "default_recipe": is_default(r), "seeds": r["seeds"],
             "metric": r["metric"],
             "cacc_plain": r["cacc_undefended"], "cacc_defended": r["cacc_defended"],
+            "cacc_delta_points_by_seed": r["cacc_delta_points_by_seed"],
             "asr_plain": r["asr_undefended"], "asr_defended": r["asr_defended"],
             "asr_reduction": r["asr_reduction"], "near_chance": r["near_chance"],
             "seeds_above_chance": r["seeds_above_chance"],
@@ -977,9 +984,18 @@ def write(
             flag += f" ⚠ attack below {PLANTED_ASR:g} undefended: not in the mean"
         lines.append(
             f"| {r['encoder']} | {_label(r, is_default(r))} | {r['cacc_undefended']:.3f} | {r['cacc_defended']:.3f} | "
-            f"{r['cacc_delta_points']:+.1f} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
+            f"{_delta(r)} | {r['asr_undefended']:.3f} | {r['asr_defended']:.3f} | "
             f"{100 * r['asr_reduction']:.1f}%{flag} |"
         )
+    disagreement = _seed_disagreement(rows)
+    if disagreement:
+        lines += [
+            "",
+            "Δ CACC: the mean over the seeds, each seed's change against its own undefended run in brackets (seed "
+            f"order). The seeds of one row disagree by up to {disagreement[0]:.1f} points (median "
+            f"{disagreement[1]:.1f}, over the {disagreement[2]} rows with two or more seeds and no run at chance): "
+            "at these sizes a row's mean is not known to within the 1.5-point floor.",
+        ]
     drops = [r for r in rows if "accuracy_drop_undefended" in r]
     if drops:
         lines += [
@@ -1054,6 +1070,24 @@ def write(
     extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
              {(name, tuple(lam)) for name, lam in TEST_RECIPES} and not is_default(r)]  # fmt: skip
     _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
+
+
+def _delta(r: dict) -> str:
+    """A row's Δ CACC cell: the mean, and with two or more seeds each seed's change in brackets."""
+    by_seed = r.get("cacc_delta_points_by_seed", {})
+    seeds = f" ({', '.join(f'{v:+.1f}' for v in by_seed.values())})" if len(by_seed) > 1 else ""
+    return f"{r['cacc_delta_points']:+.1f}{seeds}"
+
+
+def _seed_disagreement(rows: list[dict]) -> tuple[float, float, int] | None:
+    """``(largest, median, rows)``: how far the per-seed Δ CACC of one row spread (largest minus smallest, points),
+    over the rows with two or more seeds and no run at chance; None without such a row."""
+    spans = [
+        max(by.values()) - min(by.values())
+        for r in rows
+        if not r["near_chance"] and len(by := r.get("cacc_delta_points_by_seed", {})) > 1
+    ]
+    return (max(spans), statistics.median(spans), len(spans)) if spans else None
 
 
 def _measured(sizes: Sizes, cells: list[dict] | None) -> str:

@@ -192,6 +192,32 @@ def test_rows_of_one_recipe_at_other_coefficients_stay_apart(tmp_path):
     assert data["summary"]["test_cells_done"] == 2  # the old coefficients' cell is kept but not part of the plan
 
 
+def test_each_seeds_clean_accuracy_change_is_shown_beside_the_mean(tmp_path):
+    """Δ CACC of a row with two seeds shows each seed's change against its own undefended run; the table says how
+    far the seeds of a row disagree (rows with a run at chance left out of that)."""
+    defense = _defense_module()
+    test = [
+        _cell("lora", False, 0.70, 1.0, seed=0), _cell("lora", True, 0.66, 0.1, seed=0),
+        _cell("lora", False, 0.60, 1.0, seed=1), _cell("lora", True, 0.66, 0.2, seed=1),
+        _cell("adapter", False, 0.70, 1.0, seed=0), _cell("adapter", True, 0.69, 0.1, seed=0),
+        _cell("adapter", False, 0.72, 1.0, seed=1), _cell("adapter", True, 0.70, 0.1, seed=1),
+        _cell("prefix", False, 0.70, 1.0, seed=0), _cell("prefix", True, 0.50, 0.0, seed=0, near_chance=True),
+        _cell("prefix", False, 0.70, 1.0, seed=1), _cell("prefix", True, 0.70, 0.5, seed=1),
+    ]  # fmt: skip
+    rows = defense.summarise(test)
+    lora = next(r for r in rows if r["peft"] == "lora")
+    assert lora["cacc_delta_points_by_seed"] == {"0": -4.0, "1": 6.0} and lora["cacc_delta_points"] == 1.0
+    out = tmp_path / "defense"
+    defense.write(out, rows, [], (3e-4, 3e-3), defense.Sizes(), "cpu", 1.0, cells=test)
+    table = out.with_suffix(".md").read_text()
+    assert "| por | lora | 0.650 | 0.660 | +1.0 (-4.0, +6.0) | 1.000 | 0.150 | 85.0% |" in table
+    assert "| por | adapter | 0.710 | 0.695 | -1.5 (-1.0, -2.0) |" in table
+    # spans 10 (LoRA) and 1 (adapters); prefix tuning's 20 has a run at chance
+    assert "disagree by up to 10.0 points (median 5.5, over the 2 rows with two or more seeds and no run" in table
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {c["peft"]: c["cacc_delta_points_by_seed"] for c in data["cells"]}["adapter"] == {"0": -1.0, "1": -2.0}
+
+
 def test_consistency_variant_competes_on_validation():
     """The `consistency` recipe (centred + the rare-word consistency term) is one more LoRA / adapter candidate: it
     wins with a lower validation ASR inside the CACC floor. Outside the floor it loses to a setting inside it that
