@@ -30,6 +30,14 @@ Shapes (``--shape``):
   contrastive  an InfoNCE over the batch: each copy's centred [CLS] state must be nearer, by cosine over ``--tau``,
             to its own clean state than to the other sentences' (a collapsed [CLS] leaves it at log(batch), its
             largest value, so unlike the squared distance it cannot be met by making every sentence look the same)
+  augment   no pull between two states at all: the task's own cross-entropy on the copy, against the batch's true
+            labels (augmentation with the scanned tokens; λ 1 weighs the copy as the batch). The copy must be
+            classified by its sentence, whatever token was inserted, so an inserted trigger has to lose its hold,
+            and a collapse of the [CLS] states costs as much as it costs the task
+  placebo   ``mse``'s copy and forward pass (so the same draws of the random generators as ``mse``, dropout
+            included), its term multiplied by 0: no gradient. Against the undefended cell of the same seed it
+            measures how far CACC and ASR move when only the dropout masks differ, the noise under any defense's
+            clean-accuracy change
   none      no defense (the undefended fine-tune, for its spread)
 
     python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
@@ -66,7 +74,7 @@ from hf_obliviate.metrics import asr_reduction  # noqa: E402
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
 SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "mse-pcgrad", "hinge", "kl", "mse-eval",
-          "contrastive", "none")  # fmt: skip
+          "contrastive", "augment", "placebo", "none")  # fmt: skip
 SHAPE_PARAMETERS = ("margin", "tau", "guard_below")  # a shape's own settings, part of a summary's setting
 FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
 CONFLICTS: list[float] = []  # `mse-pcgrad`: per step of this fine-tune, the cosine of the task and defense gradients
@@ -141,6 +149,21 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
             return torch.nn.functional.cross_entropy(a @ b.T / tau, labels)
 
         core.hidden_consistency_loss = contrastive
+    elif shape == "augment":
+        overrides = {**overrides, "consistency_target": "logits", "lambda_consistency": 1.0}
+
+        def augmented(self, inputs, logits, model=None, outputs=None):
+            from hf_obliviate.consistency import insert_random_tokens
+
+            model = model or self.model
+            copy = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
+            out = model(**copy)
+            out = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out[0])
+            return torch.nn.functional.cross_entropy(out.float(), inputs["labels"].to(out.device))
+
+        core.ObliviateDefense.consistency_loss = augmented
+    elif shape == "placebo":
+        core.hidden_consistency_loss = lambda clean, perturbed: 0.0 * perturbed.float().sum()
     elif shape == "mse-eval":
         original = core.ObliviateDefense.consistency_loss
 

@@ -162,3 +162,58 @@ def test_pcgrad_shape_projects_the_defense_gradient_off_the_task_gradient_only_w
         assert float(loss.detach()) == pytest.approx(1.0 + sum(pull))  # the value is the unprojected loss's
         assert trainer.logged == [pytest.approx(1.0)] and "_record_terms" not in vars(trainer)
     assert shapes.CONFLICTS[0] < 0 < shapes.CONFLICTS[1]
+
+
+def test_placebo_shape_runs_the_copy_but_adds_no_gradient(monkeypatch):
+    import torch
+
+    import hf_obliviate.defense as core
+
+    shapes = _shapes_module()
+    monkeypatch.setattr(core, "hidden_consistency_loss", core.hidden_consistency_loss)  # restored after
+    overrides = shapes.use_shape("placebo", margin=0.05)
+    assert overrides["consistency_target"] == "hidden" and overrides["lambda_consistency"] == 0.03  # mse's copy
+    perturbed = torch.tensor([[3.0, -1.0]], requires_grad=True)
+    term = core.hidden_consistency_loss(torch.zeros(1, 2), perturbed)
+    term.backward()
+    assert float(term) == 0.0 and perturbed.grad.tolist() == [[0.0, 0.0]]  # a gradient exactly 0, not a small one
+
+
+def test_augment_shape_is_the_task_cross_entropy_on_a_copy_with_a_pool_token_inserted(monkeypatch):
+    import types
+
+    import torch
+
+    import hf_obliviate.defense as core
+
+    shapes = _shapes_module()
+    monkeypatch.setattr(core.ObliviateDefense, "consistency_loss", core.ObliviateDefense.consistency_loss)
+    overrides = shapes.use_shape("augment", margin=0.05)
+    assert overrides["consistency_target"] == "logits" and overrides["lambda_consistency"] == 1.0
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Embedding(100, 2)
+
+        def forward(self, input_ids, attention_mask, **kwargs):
+            seen["ids"] = input_ids
+            return {"logits": (self.table(input_ids) * attention_mask[..., None]).sum(1)}
+
+    model = Model()
+    defense = types.SimpleNamespace(model=model, token_pool=torch.tensor([99]), _generator=torch.Generator(),
+                                    config=types.SimpleNamespace(consistency_insertions=1))  # fmt: skip
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    inputs = {
+        "input_ids": torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]),
+        "attention_mask": mask,
+        "labels": torch.tensor([1, 0]),
+    }
+    loss = core.ObliviateDefense.consistency_loss(defense, inputs, None)
+    copy = seen["ids"]
+    assert [int((row == 99).sum()) for row in copy] == [1, 1]  # one pool token in every row
+    expected = torch.nn.functional.cross_entropy(model(copy, (copy != 0).long())["logits"], inputs["labels"])
+    assert float(loss) == pytest.approx(float(expected))
+    loss.backward()
+    assert model.table.weight.grad[99].abs().sum() > 0  # the copy is trained, its inserted token included
