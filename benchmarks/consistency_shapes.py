@@ -42,6 +42,11 @@ Shapes (``--shape``):
 
     python benchmarks/consistency_shapes.py --shape relative --lam 0.003 --cells neuba:adapter:0 neuba:adapter:1
 
+``--common-dropout`` runs the copy's forward pass on a fork of the random generators (``torch.random.fork_rng``):
+the copy draws its dropout masks without moving the generators, so the fine-tune's own passes draw the masks of the
+undefended run of the same seed, step for step (common random numbers), and a defended and an undefended cell
+differ by the term's gradient alone.
+
 ``--lr`` overrides the fine-tunes' learning rate (every PEFT type), ``--lam-attn`` adds the attention term
 (METHOD.md's, raw logit row) at that weight, ``--lam 0`` leaves the attention term alone. Each process fine-tunes on
 one thread (as the benchmark's workers do on 2 cores); run two side by side there. ``--cacc-n 500`` measures CACC on
@@ -75,7 +80,8 @@ from hf_obliviate.metrics import asr_reduction  # noqa: E402
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
 SHAPES = ("mse", "relative", "relative-grad", "relative-capped", "mse-guard", "mse-pcgrad", "hinge", "kl", "mse-eval",
           "contrastive", "augment", "placebo", "none")  # fmt: skip
-SHAPE_PARAMETERS = ("margin", "tau", "guard_below")  # a shape's own settings, part of a summary's setting
+# a shape's own settings, part of a summary's setting
+SHAPE_PARAMETERS = ("margin", "tau", "guard_below", "common_dropout")
 FIRST_SPREAD: list[float] = []  # `relative-capped`, `mse-guard`: the clean spread of this fine-tune's first batch
 CONFLICTS: list[float] = []  # `mse-pcgrad`: per step of this fine-tune, the cosine of the task and defense gradients
 
@@ -182,6 +188,23 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
     return overrides
 
 
+def common_dropout() -> None:
+    """Run the consistency copy's forward pass (whatever the shape) on a fork of the random generators, so that it
+    leaves their state as it found it: the fine-tune's own passes then draw the undefended run's dropout masks."""
+    import torch
+
+    import hf_obliviate.defense as core
+
+    original = core.ObliviateDefense.consistency_loss
+
+    def forked(self, inputs, logits, model=None, outputs=None):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return original(self, inputs, logits, model, outputs)
+
+    core.ObliviateDefense.consistency_loss = forked
+
+
 def _projected(defended_loss):
     """``_defended_loss`` whose defense terms' gradient loses its component along the task loss's gradient when the
     two point against each other (the task's is kept whole): the returned loss has the task loss's value plus the
@@ -266,8 +289,10 @@ def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[t
         for line in path.read_text().splitlines():
             cell = json.loads(line)
             if cell.get("cacc_n") == 500:
-                shape = cell["shape"] + "".join(f" ({name} {cell[name]:g})" for name in SHAPE_PARAMETERS
-                                                if cell.get(name) is not None)  # fmt: skip
+                shape = cell["shape"] + "".join(
+                    f" ({name.replace('_', ' ')})" if cell[name] is True else f" ({name} {cell[name]:g})"
+                    for name in SHAPE_PARAMETERS if cell.get(name) is not None
+                )  # fmt: skip
                 add((shape, cell["lambda_consistency"], cell.get("lambda_attn", 0.0), cell["lr"]), cell)
     for line in journal.read_text().splitlines() if journal else ():
         cell = json.loads(line)
@@ -331,6 +356,8 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=0.1, help="The contrastive shape's temperature.")
     parser.add_argument("--guard-below", type=float, default=1.0,
                         help="mse-guard: the guard acts below this fraction of the first batch's spread.")  # fmt: skip
+    parser.add_argument("--common-dropout", action="store_true",
+                        help="Run the copy's forward pass on a fork of the random generators.")  # fmt: skip
     parser.add_argument("--cacc-n", type=int, default=None, help="CACC on this many clean sentences (defense.py's).")
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
     parser.add_argument("--lam-attn", type=float, default=0.0, help="λ_attn of the attention term beside it.")
@@ -350,6 +377,8 @@ def main() -> None:
 
     torch.set_num_threads(1)  # as each of the benchmark's two workers on 2 cores: its cells' numbers, exactly
     overrides = use_shape(args.shape, args.margin, args.tau, args.guard_below)
+    if args.common_dropout:
+        common_dropout()
     if args.lam is not None:
         overrides["lambda_consistency"] = args.lam
     defense.VARIANTS["side-run"] = overrides
@@ -378,6 +407,7 @@ def main() -> None:
                "margin": args.margin if args.shape == "hinge" else None,
                "tau": args.tau if args.shape == "contrastive" else None, "cacc_n": args.cacc_n,
                "guard_below": args.guard_below if args.shape == "mse-guard" and args.guard_below != 1 else None,
+               "common_dropout": True if args.common_dropout else None,
                "first_spread": FIRST_SPREAD[0] if FIRST_SPREAD else None,
                **({"conflicting_steps": sum(c < 0 for c in CONFLICTS) / len(CONFLICTS),
                    "mean_cosine": round(sum(CONFLICTS) / len(CONFLICTS), 4)} if CONFLICTS else {}),

@@ -217,3 +217,25 @@ def test_augment_shape_is_the_task_cross_entropy_on_a_copy_with_a_pool_token_ins
     assert float(loss) == pytest.approx(float(expected))
     loss.backward()
     assert model.table.weight.grad[99].abs().sum() > 0  # the copy is trained, its inserted token included
+
+
+def test_common_dropout_leaves_the_random_generators_where_the_copy_found_them(monkeypatch):
+    import torch
+
+    import hf_obliviate.defense as core
+
+    shapes = _shapes_module()
+
+    def draws(self, inputs, logits, model=None, outputs=None):  # a copy's pass under dropout draws random numbers
+        return torch.nn.functional.dropout(torch.ones(8), 0.5, training=True).sum()
+
+    monkeypatch.setattr(core.ObliviateDefense, "consistency_loss", draws)
+    shapes.common_dropout()
+    torch.manual_seed(0)
+    undefended = torch.rand(4)  # the next draws of a run without the copy
+    torch.manual_seed(0)
+    core.ObliviateDefense.consistency_loss(None, {}, None)
+    assert torch.equal(torch.rand(4), undefended)
+    torch.manual_seed(0)
+    draws(None, {}, None)  # without the fork the copy moves the generator
+    assert not torch.equal(torch.rand(4), undefended)
