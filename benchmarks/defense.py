@@ -993,9 +993,11 @@ def write(
             "",
             "Δ CACC: the mean over the seeds, each seed's change against its own undefended run in brackets (seed "
             f"order). The seeds of one row disagree by up to {disagreement[0]:.1f} points (median "
-            f"{disagreement[1]:.1f}, over the {disagreement[2]} rows with two or more seeds and no run at chance): "
-            "at these sizes a row's mean is not known to within the 1.5-point floor.",
-        ]
+            f"{disagreement[1]:.1f}, over the {disagreement[2]} rows with two or more seeds and no run at chance)"
+            # half the span of two seeds estimates the standard error of their mean
+            + (f": at these sizes a row's mean is not known to within the {100 * CACC_FLOOR:g}-point floor."
+               if disagreement[1] / 2 >= 100 * CACC_FLOOR else "."),
+        ]  # fmt: skip
     drops = [r for r in rows if "accuracy_drop_undefended" in r]
     if drops:
         lines += [

@@ -214,6 +214,7 @@ def test_each_seeds_clean_accuracy_change_is_shown_beside_the_mean(tmp_path):
     assert "| por | adapter | 0.710 | 0.695 | -1.5 (-1.0, -2.0) |" in table
     # spans 10 (LoRA) and 1 (adapters); prefix tuning's 20 has a run at chance
     assert "disagree by up to 10.0 points (median 5.5, over the 2 rows with two or more seeds and no run" in table
+    assert "not known to within the 1.5-point floor" in table  # half of 5.5 is more than the floor
     data = json.loads(out.with_suffix(".json").read_text())
     assert {c["peft"]: c["cacc_delta_points_by_seed"] for c in data["cells"]}["adapter"] == {"0": -1.0, "1": -2.0}
 
