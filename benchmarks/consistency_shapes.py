@@ -288,7 +288,7 @@ def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[t
     for path in paths:
         for line in path.read_text().splitlines():
             cell = json.loads(line)
-            if cell.get("cacc_n") == 500:
+            if cell.get("cacc_n") == 500 and cell.get("split", "validation") == "validation":
                 shape = cell["shape"] + "".join(
                     f" ({name.replace('_', ' ')})" if cell[name] is True else f" ({name} {cell[name]:g})"
                     for name in SHAPE_PARAMETERS if cell.get(name) is not None
@@ -362,6 +362,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="Learning rate of every PEFT type.")
     parser.add_argument("--lam-attn", type=float, default=0.0, help="λ_attn of the attention term beside it.")
     parser.add_argument("--cells", nargs="+", help="encoder:peft:seed, e.g. neuba:adapter:0")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation",
+                        help="The split the cells train and test on: test only to measure noise against the "
+                             "benchmark's own test cells (with --cacc-n 1000, as theirs), never to choose a "
+                             "setting; --summarise reads validation cells only.")  # fmt: skip
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if args.summarise:
@@ -400,7 +404,7 @@ def main() -> None:
     for spec, (encoder, peft, seed) in zip(args.cells, cells):
         path = defense.plant(encoder, sizes)
         lambdas = (0.0, args.lam_attn if defended else 0.0)
-        cell = defense.run_cell(encoder, path, peft, int(seed), defended, lambdas, sizes, split="validation",
+        cell = defense.run_cell(encoder, path, peft, int(seed), defended, lambdas, sizes, split=args.split,
                                 variant="side-run" if defended else "reference")  # fmt: skip
         spread, square = summary_spread(tuned["model"], tuned["tokenizer"], sizes)
         row = {"shape": args.shape, "lambda_consistency": overrides["lambda_consistency"] if defended else 0.0,
@@ -412,7 +416,8 @@ def main() -> None:
                **({"conflicting_steps": sum(c < 0 for c in CONFLICTS) / len(CONFLICTS),
                    "mean_cosine": round(sum(CONFLICTS) / len(CONFLICTS), 4)} if CONFLICTS else {}),
                "lr": defense.LEARNING_RATES[peft], "lambda_attn": args.lam_attn if defended else 0.0,
-               "encoder": encoder, "peft": peft, "seed": int(seed), "cacc": cell.cacc, "asr": cell.asr,
+               "encoder": encoder, "peft": peft, "seed": int(seed), "split": args.split, "cacc": cell.cacc,
+               "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,
                "summary_spread": float(f"{spread:.4g}"), "summary_sq": float(f"{square:.4g}")}  # fmt: skip
         with args.out.open("a") as f:

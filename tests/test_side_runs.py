@@ -52,6 +52,7 @@ def test_summary_pairs_each_run_with_the_undefended_run_of_its_seed_and_learning
         _side("none", "por", "adapter", 2, 0.50, 1.0, near_chance=True),
         _side("relative-grad", "por", "adapter", 0, 0.70, 0.1),  # the journal's own cell, measured again
         _side("relative-grad", "por", "adapter", 3, 0.99, 0.0, cacc_n=None),  # CACC on 200: left out
+        {**_side("relative-grad", "por", "adapter", 4, 0.99, 0.0), "split": "test"},  # a test cell: left out
         _side("none", "por", "adapter", 0, 0.80, 0.5, lr=2e-3),
         _side("relative-grad", "por", "adapter", 0, 0.81, 0.05, lr=2e-3),
     ])  # fmt: skip
