@@ -158,14 +158,15 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
     elif shape == "augment":
         overrides = {**overrides, "consistency_target": "logits", "lambda_consistency": 1.0}
 
-        def augmented(self, inputs, logits, model=None, outputs=None):
-            from hf_obliviate.consistency import insert_random_tokens
+        original = core.ObliviateDefense.consistency_loss
 
-            model = model or self.model
-            copy = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
-            out = model(**copy)
-            out = out["logits"] if isinstance(out, dict) else getattr(out, "logits", out[0])
-            return torch.nn.functional.cross_entropy(out.float(), inputs["labels"].to(out.device))
+        def augmented(self, inputs, logits, model=None, outputs=None):
+            # the library's own copy and forward pass (as `kl`'s); only the loss on the copy's logits is the task's
+            labels = inputs["labels"]
+            core.consistency_loss = lambda clean, copy: torch.nn.functional.cross_entropy(
+                copy.float(), labels.to(copy.device)
+            )
+            return original(self, inputs, logits, model, outputs)
 
         core.ObliviateDefense.consistency_loss = augmented
     elif shape == "placebo":

@@ -786,7 +786,8 @@ def summarise(cells: list[dict]) -> list[dict]:
         # the mean over attacks uses the seeds whose two runs are both above chance (a model at chance shows no
         # backdoor whether or not the defense works); the row itself averages every paired seed
         chance = {c["seed"] for c in und + dfd if c["near_chance"]}
-        clean = [(u, d) for u in und for d in dfd if u["seed"] == d["seed"] and u["seed"] not in chance]
+        pairs = [(u, d) for u in sorted(und, key=lambda c: c["seed"]) for d in dfd if u["seed"] == d["seed"]]
+        clean = [(u, d) for u, d in pairs if u["seed"] not in chance]
         asr_cu = mean(u["asr"] for u, _ in clean) if clean else float("nan")
         asr_cd = mean(d["asr"] for _, d in clean) if clean else float("nan")
         reduction_clean = asr_reduction(asr_cu, asr_cd)  # nan without a clean seed
@@ -804,10 +805,7 @@ def summarise(cells: list[dict]) -> list[dict]:
             "cacc_delta_points": round(100 * (cacc_d - cacc_u), 2),
             # each seed's change against its own undefended run: the seeds of one row often disagree by more than
             # the 1.5-point floor, and a mean alone hides that
-            "cacc_delta_points_by_seed": {
-                str(u["seed"]): round(100 * (d["cacc"] - u["cacc"]), 2)
-                for u in sorted(und, key=lambda c: c["seed"]) for d in dfd if d["seed"] == u["seed"]
-            },
+            "cacc_delta_points_by_seed": {str(u["seed"]): round(100 * (d["cacc"] - u["cacc"]), 2) for u, d in pairs},
             "asr_undefended": round(asr_u, 4), "asr_defended": round(asr_d, 4),
             "asr_reduction": round(reduction, 4),
             "near_chance": bool(chance),

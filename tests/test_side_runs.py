@@ -189,6 +189,7 @@ def test_augment_shape_is_the_task_cross_entropy_on_a_copy_with_a_pool_token_ins
 
     shapes = _shapes_module()
     monkeypatch.setattr(core.ObliviateDefense, "consistency_loss", core.ObliviateDefense.consistency_loss)
+    monkeypatch.setattr(core, "consistency_loss", core.consistency_loss)  # restored after
     overrides = shapes.use_shape("augment", margin=0.05)
     assert overrides["consistency_target"] == "logits" and overrides["lambda_consistency"] == 1.0
     seen = {}
@@ -204,7 +205,8 @@ def test_augment_shape_is_the_task_cross_entropy_on_a_copy_with_a_pool_token_ins
 
     model = Model()
     defense = types.SimpleNamespace(model=model, token_pool=torch.tensor([99]), _generator=torch.Generator(),
-                                    config=types.SimpleNamespace(consistency_insertions=1))  # fmt: skip
+                                    config=types.SimpleNamespace(consistency_insertions=1,
+                                                                 consistency_target="logits"))  # fmt: skip
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     inputs = {
         "input_ids": torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]]),
