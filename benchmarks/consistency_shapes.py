@@ -300,7 +300,8 @@ def setting_cells(paths: list[Path], journal: Path | None) -> dict[tuple, dict[t
         name = (cell.get("variant", "reference"), cell["lambda_amp"], cell["lambda_attn"], cell["defended"])
         if cell["split"] == "validation" and cell.get("protocol", 1) == 2 and name in JOURNAL_SETTINGS:
             if cell["peft"] in ("lora", "adapter") and cell["encoder"] in defense.VALIDATION_ENCODERS:
-                add((*JOURNAL_SETTINGS[name], defense.LEARNING_RATES[cell["peft"]]), cell)
+                rates = cell.get("finetune", {}).get("learning_rates", defense.LEARNING_RATES)
+                add((*JOURNAL_SETTINGS[name], rates[cell["peft"]]), cell)
     return found
 
 
@@ -387,8 +388,6 @@ def main() -> None:
     if args.lam is not None:
         overrides["lambda_consistency"] = args.lam
     defense.VARIANTS["side-run"] = overrides
-    if args.lr is not None:
-        defense.LEARNING_RATES.update(dict.fromkeys(defense.LEARNING_RATES, args.lr))
     tuned = {}
     fine_tune = trainer.fine_tune
 
@@ -400,6 +399,8 @@ def main() -> None:
 
     trainer.fine_tune = keep_model
     sizes = defense.Sizes(cacc_n=args.cacc_n)
+    if args.lr is not None:
+        sizes.learning_rates = dict.fromkeys(sizes.learning_rates, args.lr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     defended = args.shape != "none"
     for spec, (encoder, peft, seed) in zip(args.cells, cells):
@@ -416,7 +417,7 @@ def main() -> None:
                "first_spread": FIRST_SPREAD[0] if FIRST_SPREAD else None,
                **({"conflicting_steps": sum(c < 0 for c in CONFLICTS) / len(CONFLICTS),
                    "mean_cosine": round(sum(CONFLICTS) / len(CONFLICTS), 4)} if CONFLICTS else {}),
-               "lr": defense.LEARNING_RATES[peft], "lambda_attn": args.lam_attn if defended else 0.0,
+               "lr": sizes.learning_rates[peft], "lambda_attn": args.lam_attn if defended else 0.0,
                "encoder": encoder, "peft": peft, "seed": int(seed), "split": args.split, "cacc": cell.cacc,
                "asr": cell.asr,
                "metric": cell.metric, "near_chance": cell.near_chance, "seconds": cell.seconds,

@@ -137,6 +137,9 @@ class Sizes:
     variant_grids: dict[str, tuple[tuple[float, float], ...]] = field(
         default_factory=lambda: {v: VARIANT_GRIDS[v] for v in FULL_RUN_VARIANTS}
     )
+    # Per PEFT type (`--lr` sets them all). Part of the sizes, not a module global: the fine-tunes run in spawned
+    # worker processes, which import this module afresh and would see a changed global at its default.
+    learning_rates: dict[str, float] = field(default_factory=lambda: dict(LEARNING_RATES))
 
 
 QUICK = Sizes(
@@ -144,6 +147,47 @@ QUICK = Sizes(
     scan_sentences=1, seeds=(0,), val_seeds=(0, 1), finalists=1,
     pefts=("lora",), grid=((3e-4, 3e-3),), variant_grids={v: ((3e-4, 3e-3),) for v in VARIANT_GRIDS},
 )  # fmt: skip
+
+
+# What a cell's fine-tune and measurement used beyond its journal key (`finetune_of`): each cell records it, and a
+# journal holds the cells of one set of them (`recipe_conflicts`).
+FINETUNE_FIELDS = ("sampling", "train", "epochs", "batch", "max_length", "bucket_batches", "learning_rates", "eval_n",
+                   "val_n", "cacc_n", "scan_sentences")  # fmt: skip
+
+
+def finetune_of(sizes: Sizes) -> dict:
+    """The settings of `FINETUNE_FIELDS` that a cell of these sizes is fine-tuned and measured with (JSON values)."""
+    return json.loads(json.dumps({name: getattr(sizes, name) for name in FINETUNE_FIELDS}))
+
+
+def _recorded(cell: dict) -> dict:
+    # cells before 2026-11-25 record their sampling only (journal cells without it used "random")
+    return cell.get("finetune") or {"sampling": cell.get("sampling", "random")}
+
+
+def journal_finetune(cells) -> dict | None:
+    """The fine-tuning settings (`finetune_of`) that every cell of a journal records alike, or None when they
+    differ (or the journal is empty). Cells from before 2026-11-25 record their sampling only."""
+    recorded = [_recorded(c) for c in cells]
+    return recorded[0] if recorded and all(r == recorded[0] for r in recorded) else None
+
+
+FINETUNE_FLAGS = {"sampling": "--sampling", "train": "--train", "epochs": "--epochs", "batch": "--batch",
+                  "learning_rates": "--lr", "eval_n": "--eval-n", "cacc_n": "--cacc-n"}  # fmt: skip
+
+
+def recipe_conflicts(cells, sizes: Sizes) -> list[str]:
+    """The fine-tuning settings in which some journal cell differs from these sizes, as "name theirs (this run: ours;
+    its flag)": the journal key leaves them out, so cells of other settings must not be reused or tabulated with
+    these."""
+    own, found = finetune_of(sizes), {}
+    for cell in cells:
+        for name, value in _recorded(cell).items():
+            if value != own.get(name):
+                found.setdefault(name, set()).add(json.dumps(value, sort_keys=True))
+    return [f"{name} {' / '.join(sorted(values))} (this run: {json.dumps(own.get(name), sort_keys=True)}"
+            f"{'; ' + FINETUNE_FLAGS[name] if name in FINETUNE_FLAGS else ''})"
+            for name, values in found.items()]  # fmt: skip
 
 
 def protocol_of(sizes: Sizes) -> int:
@@ -173,6 +217,7 @@ class Cell:
     sampling: str = "random"  # the training sampler (`Sizes.sampling`; journal cells without it used "random")
     checkpoint: str = CLEAN_CHECKPOINT  # `checkpoint_of`: a re-planted attack is another encoder, with its own cells
     protocol: int = 1  # how the cell was measured (`protocol_of`; journal cells without it: 1)
+    finetune: dict | None = None  # `finetune_of` its sizes (journal cells without it: before 2026-11-25)
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -247,9 +292,11 @@ def current_cells(cells: list[dict], sizes: Sizes) -> list[dict]:
     """The journal cells to tabulate: of an encoder that has cells fine-tuned from the checkpoint these sizes plant
     (`checkpoint_of`), only those (a cell of the encoder planted with other settings stays in the file but out of the
     tables); of any other encoder, all of its cells (a journal of an earlier planting, e.g. under results/history/).
-    Of the journal's cells, those of `tabulated_protocol`."""
+    Of the journal's cells, those of `tabulated_protocol`, and of the cells that record their fine-tuning settings
+    (`finetune_of`), those of these sizes."""
     protocol = tabulated_protocol(cells, sizes)
-    cells = [c for c in cells if c.get("protocol", 1) == protocol]
+    own = finetune_of(sizes)
+    cells = [c for c in cells if c.get("protocol", 1) == protocol and c.get("finetune", own) == own]
     current = {e: checkpoint_of(e, sizes) for e in {c["encoder"] for c in cells}}
     planted_now = {c["encoder"] for c in cells if c.get("checkpoint") == current[c["encoder"]]}
     return [c for c in cells if c["encoder"] not in planted_now or c.get("checkpoint") == current[c["encoder"]]]
@@ -368,7 +415,7 @@ def run_cell(
             "lambda_amp": lambda_amp,
             "lambda_attn": lambda_attn,
         },
-        learning_rate=LEARNING_RATES[peft],
+        learning_rate=sizes.learning_rates[peft],
         num_train_epochs=sizes.epochs,
         per_device_train_batch_size=sizes.batch,
         train_sampling_strategy="sequential" if sizes.sampling == "bucketed" else sizes.sampling,
@@ -421,7 +468,7 @@ def run_cell(
         near_chance=own_cacc.get("near_chance", result.near_chance),
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
         sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=protocol_of(sizes),
-        extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
+        finetune=finetune_of(sizes), extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
                    "asr_set_near_chance": result.near_chance} if own_cacc else {}),
                "lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
                "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
@@ -507,6 +554,29 @@ class Journal:
             f"{cell['metric']} {cell['asr']:.3f} [{cell['seconds']}s]",
             flush=True,
         )
+
+
+class MissingCells(LookupError):
+    """A `ReplayJournal` was asked for a cell it does not have."""
+
+
+class ReplayJournal(Journal):
+    """A journal's cells, read only: `run_many` returns them and raises `MissingCells` where it would fine-tune, so
+    `--summarise-only` replays the validation stage (`validate`) and shows the choices and validation cells that the
+    run (or `--resume`) shows, not every validation cell the file has gathered."""
+
+    def __init__(self, cells: list[dict]):
+        self.cells = {_key(cell): cell for cell in cells}
+        self.made, self.jobs, self._pool = 0, 1, None
+
+    def run_many(self, specs: list[dict]) -> list[dict]:
+        keys = [self.key_of(spec) for spec in specs]
+        missing = [key for key in keys if key not in self.cells]
+        if missing:
+            encoder, peft, seed, _, amp, attn, split, variant = missing[0][:8]
+            raise MissingCells(f"{len(missing)} cells missing, e.g. {encoder} + {peft} seed {seed} {split} "
+                               f"{variant} λ {amp:g}/{attn:g}")  # fmt: skip
+        return [self.cells[key] for key in keys]
 
 
 # The recipe is chosen over both attacks whose planted backdoor works (ASR >= 0.8): POR for every setting, NeuBA for
@@ -926,8 +996,8 @@ def write(
     done = planned & {_key(c) for c in cells or []}
     summary["test_cells_done"], summary["test_cells_planned"] = len(done), len(planned)
     summary["validation_cells"] = len(tuning)
-    meta = {"device": device, "sizes": asdict(sizes), "learning_rates": LEARNING_RATES, "wall_seconds": round(wall),
-            "command": "python " + " ".join(sys.argv)}  # fmt: skip
+    meta = {"device": device, "sizes": asdict(sizes), "learning_rates": sizes.learning_rates,
+            "wall_seconds": round(wall), "command": "python " + " ".join(sys.argv)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def cell(r: dict) -> dict:
@@ -959,7 +1029,7 @@ def write(
         "# Obliviate on backdoored MiniLM-L6 (Rotten Tomatoes sentiment)",
         "",
         f"Device: {device}. Fine-tuning: {sizes.train} sentences × {sizes.epochs} epochs, batch {sizes.batch} "
-        f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in LEARNING_RATES.items())}, "
+        f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in sizes.learning_rates.items())}, "
         f"max length {sizes.max_length}; test: {_measured(sizes, cells)}; seeds {list(sizes.seeds)}; attacks "
         f"planted with {sizes.plant_steps} steps. Wall time "
         f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients chosen on the validation split: "
@@ -1145,6 +1215,39 @@ def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
     plt.close(fig)
 
 
+def validate(journal: Journal, encoder_path, sizes: Sizes) -> tuple:
+    """The validation stage (`choose_lambdas`, `choose_lora_variant`, `confirm_finalists`, `confirm_on_adapters`,
+    `choose_prefix_variant`, each as `sizes` asks for): ``(lambdas, tuning, lora_variant, lora_lambdas,
+    prefix_variant)``, ``tuning`` the validation cells in the order the stages ran them. ``encoder_path(attack)``
+    gives a planted encoder's folder."""
+    validation_paths = {e: encoder_path(e) for e in VALIDATION_ENCODERS if e == "por" or e in sizes.attacks}
+    lambdas, tuning = choose_lambdas(journal, validation_paths, sizes)
+    print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
+    lora_variant, lora_lambdas = "reference", lambdas
+    if "lora" in sizes.pefts:
+        lora_variant, lora_lambdas, lora_tuning = choose_lora_variant(
+            journal, validation_paths, sizes, lambdas, tuning
+        )
+        tuning += lora_tuning
+        print(f"LoRA / adapter recipe on seed 0: {lora_variant} at λ={lora_lambdas}", flush=True)
+        if len(sizes.val_seeds) > 1:
+            tuning += confirm_finalists(journal, validation_paths, sizes, tuning)
+            lambdas = pick_lambdas(tuning)
+            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            print(f"over validation seeds {list(sizes.val_seeds)}: λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}; "
+                  f"LoRA / adapter recipe {lora_variant} at λ={lora_lambdas}", flush=True)  # fmt: skip
+        if "adapter" in sizes.pefts:
+            tuning += confirm_on_adapters(journal, validation_paths, sizes, tuning)
+            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            print(f"over LoRA and adapters: recipe {lora_variant} at λ={lora_lambdas}", flush=True)
+    prefix_variant = "reference"
+    if "prefix" in sizes.pefts:
+        prefix_variant, prefix_tuning = choose_prefix_variant(journal, encoder_path("por"), sizes, lambdas)
+        tuning += prefix_tuning
+        print(f"prefix tuning recipe: {prefix_variant}", flush=True)
+    return lambdas, tuning, lora_variant, lora_lambdas, prefix_variant
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: exercise every code path in minutes.")
@@ -1222,15 +1325,15 @@ def main() -> None:
     if args.plant_steps:
         sizes.plant_steps = args.plant_steps
     if args.lr:
-        LEARNING_RATES.update(dict.fromkeys(LEARNING_RATES, args.lr))
+        sizes.learning_rates = dict.fromkeys(sizes.learning_rates, args.lr)
     default_journal = args.journal is None and args.out == parser.get_default("out")
     names = ("train", "epochs", "lr", "batch", "sampling", "eval_n", "cacc_n")
     given, defaults = {name: getattr(args, name) for name in names}, Sizes()
     changed = [f"--{name.replace('_', '-')}" for name, value in given.items()
                if value is not None and value != getattr(defaults, name, None)]  # fmt: skip
     if default_journal and changed and not args.quick and not args.summarise_only:
-        # Journal keys hold the encoder, PEFT type, seed, recipe and coefficients, not the training recipe or the test
-        # set's size: cells of another learning rate or length must not be paired with the committed ones.
+        # A run without --resume starts its journal afresh, and a journal holds cells of one set of fine-tuning
+        # settings (`recipe_conflicts`): a run of other sizes must not replace the committed journal and tables.
         parser.error(f"{' '.join(changed)} change the cells: give them their own --journal (or --out).")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     start = time.time()
@@ -1240,28 +1343,41 @@ def main() -> None:
     journal = Journal(
         args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only, jobs
     )
-    samplers = {cell.get("sampling", "random") for cell in journal.cells.values()}
-    if args.summarise_only and len(samplers) == 1:
-        sizes.sampling = samplers.pop()  # the tables state what the journal's fine-tunes used
-    elif samplers - {sizes.sampling}:
+    recorded = journal_finetune(journal.cells.values())
+    if args.summarise_only and recorded is not None:
+        for name, value in recorded.items():  # the tables state what the journal's fine-tunes used
+            setattr(sizes, name, value)
+    elif not args.summarise_only and (conflicts := recipe_conflicts(journal.cells.values(), sizes)):
         parser.error(
-            f"{journal.path} holds fine-tunes with {' and '.join(sorted(samplers))} sampling, this run uses "
-            f"{sizes.sampling}: give it its own --journal (or --out), or pass --sampling to match."
+            f"{journal.path} holds fine-tunes of other settings: {'; '.join(conflicts)}. Give this run its own "
+            "--journal (or --out), or pass the flags that match."
         )
     if args.summarise_only:
         cells = current_cells(list(journal.cells.values()), sizes)
         if len(cells) < len(journal.cells):
-            print(f"left out {len(journal.cells) - len(cells)} journal cells of encoders planted with other settings")
-        tuning = [c for c in cells if c["split"] == "validation"]
-        if not args.lambdas and not any(c["defended"] and c["peft"] == "lora" for c in tuning):
-            parser.error(f"{journal.path} has no defended LoRA cells of the validation split to choose the "
-                         "coefficients from: pass the chosen ones with --lambdas λ_amp λ_attn.")  # fmt: skip
-        lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
+            print(f"left out {len(journal.cells) - len(cells)} journal cells of encoders planted, or fine-tunes made, "
+                  "with other settings")  # fmt: skip
+        try:  # the run's own choices, when the journal has every validation cell the run made
+            if args.lambdas:
+                raise MissingCells("given --lambdas")
+            lambdas, tuning, lora_variant, lora_lambdas, prefix_variant = validate(
+                ReplayJournal(cells), lambda attack: None, sizes
+            )
+        except MissingCells as missing:
+            tuning = [c for c in cells if c["split"] == "validation"]
+            if not args.lambdas:
+                print(f"the validation stage cannot be replayed ({missing}): choosing over all "
+                      f"{len(tuning)} validation cells of the journal", flush=True)  # fmt: skip
+            if not args.lambdas and not any(c["defended"] and c["peft"] == "lora" for c in tuning):
+                parser.error(f"{journal.path} has no defended LoRA cells of the validation split to choose the "
+                             "coefficients from: pass the chosen ones with --lambdas λ_amp λ_attn.")  # fmt: skip
+            lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
+            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            prefix_variant = pick_prefix_variant(tuning, lambdas)
         wall = sum(c["seconds"] for c in cells)
-        lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
         write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
-              prefix_variant=pick_prefix_variant(tuning, lambdas), lora_variant=lora_variant,
-              lora_lambdas=lora_lambdas, cells=cells)  # fmt: skip
+              prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas,
+              cells=cells)  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted (or loaded from the cache) in this process when a phase first needs them: POR and NeuBA for
@@ -1275,32 +1391,10 @@ def main() -> None:
 
     if args.lambdas:
         lambdas, tuning = tuple(args.lambdas), []
+        lora_variant, lora_lambdas, prefix_variant = "reference", lambdas, "reference"
+        print(f"given λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
     else:
-        validation_paths = {e: encoder_path(e) for e in VALIDATION_ENCODERS if e == "por" or e in sizes.attacks}
-        lambdas, tuning = choose_lambdas(journal, validation_paths, sizes)
-    print(f"chosen λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
-    lora_variant, lora_lambdas = "reference", lambdas
-    if "lora" in sizes.pefts and not args.lambdas:
-        lora_variant, lora_lambdas, lora_tuning = choose_lora_variant(
-            journal, validation_paths, sizes, lambdas, tuning
-        )
-        tuning += lora_tuning
-        print(f"LoRA / adapter recipe on seed 0: {lora_variant} at λ={lora_lambdas}", flush=True)
-        if len(sizes.val_seeds) > 1:
-            tuning += confirm_finalists(journal, validation_paths, sizes, tuning)
-            lambdas = pick_lambdas(tuning)
-            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
-            print(f"over validation seeds {list(sizes.val_seeds)}: λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}; "
-                  f"LoRA / adapter recipe {lora_variant} at λ={lora_lambdas}", flush=True)  # fmt: skip
-        if "adapter" in sizes.pefts:
-            tuning += confirm_on_adapters(journal, validation_paths, sizes, tuning)
-            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
-            print(f"over LoRA and adapters: recipe {lora_variant} at λ={lora_lambdas}", flush=True)
-    prefix_variant = "reference"
-    if "prefix" in sizes.pefts and not args.lambdas:
-        prefix_variant, prefix_tuning = choose_prefix_variant(journal, encoder_path("por"), sizes, lambdas)
-        tuning += prefix_tuning
-        print(f"prefix tuning recipe: {prefix_variant}", flush=True)
+        lambdas, tuning, lora_variant, lora_lambdas, prefix_variant = validate(journal, encoder_path, sizes)
 
     def recipes(peft: str) -> list[tuple[str, tuple[float, float]]]:
         return recipes_for(peft, lambdas, prefix_variant, lora_variant, lora_lambdas)

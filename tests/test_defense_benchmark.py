@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -570,13 +571,94 @@ def test_a_journal_of_another_sampler_is_not_resumed(tmp_path):
                "--out", str(tmp_path / "defense")]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "random sampling" in result.stderr and "--sampling" in result.stderr
+    assert result.returncode == 2 and 'sampling "random" (this run: "bucketed"; --sampling)' in result.stderr
     result = subprocess.run([*command, "--summarise-only"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no defended LoRA cells of the validation split" in result.stderr
     result = subprocess.run([*command, "--summarise-only", "--lambdas", "0", "0.003"], env=env, capture_output=True,
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(random sampling)" in (tmp_path / "defense.md").read_text()
+
+
+def test_a_journal_of_other_fine_tuning_settings_is_not_resumed_or_tabulated_together(tmp_path):
+    """Each cell records its fine-tuning settings (`finetune_of`), which its journal key leaves out: --resume refuses
+    a journal of another learning rate (naming the flag), --summarise-only states the journal's own, and the tables
+    leave out cells of other settings."""
+    defense = _defense_module()
+    sizes, faster = defense.Sizes(), defense.Sizes(learning_rates=dict.fromkeys(defense.PEFTS, 2e-3))
+    cell = {**_cell("lora", False, 0.7, 0.9), "sampling": "bucketed", "protocol": 2,
+            "finetune": defense.finetune_of(faster)}  # fmt: skip
+    own = {**cell, "finetune": defense.finetune_of(sizes)}
+    assert defense.recipe_conflicts([own], sizes) == []
+    assert defense.recipe_conflicts([cell], sizes) == [
+        'learning_rates {"adapter": 0.002, "lora": 0.002, "prefix": 0.002} '
+        '(this run: {"adapter": 0.001, "lora": 0.001, "prefix": 0.001}; --lr)'
+    ]
+    assert defense.current_cells([cell, own], sizes) == [own]
+    assert defense.journal_finetune([cell]) == defense.finetune_of(faster)
+    assert defense.journal_finetune([cell, own]) is None
+    journal = tmp_path / "cells.jsonl"
+    journal.write_text(json.dumps(cell) + "\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--journal", str(journal),
+               "--out", str(tmp_path / "defense")]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "learning_rates" in result.stderr and "--lr)" in result.stderr
+    result = subprocess.run([*command, "--summarise-only", "--lambdas", "0", "0.003"], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lr lora 0.002, prefix 0.002, adapter 0.002" in (tmp_path / "defense.md").read_text()
+
+
+def test_a_cell_fine_tunes_at_its_sizes_learning_rate(monkeypatch):
+    """The learning rate travels in `Sizes` (with the cell's arguments to a spawned worker, which imports the module
+    afresh): `--lr` as a module global reached the parent process only, and every worker fine-tuned at 1e-3."""
+    import hf_obliviate.trainer as trainer
+
+    defense = _defense_module()
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fine_tune(model, tokenizer, train, args, **kwargs):
+        seen["lr"] = args.learning_rate
+        raise Stop
+
+    monkeypatch.setattr(trainer, "fine_tune", fine_tune)
+    sizes = defense.Sizes(train=16, learning_rates={**defense.LEARNING_RATES, "lora": 7e-4})
+    with pytest.raises(Stop):
+        defense.run_cell("clean", None, "lora", 0, False, (0.0, 0.0), sizes)
+    assert seen == {"lr": 7e-4}
+    assert pickle.loads(pickle.dumps(sizes)).learning_rates["lora"] == 7e-4
+
+
+def test_the_committed_journal_records_the_default_fine_tuning_settings():
+    """Every cell of the committed journal records the fine-tuning settings of the default sizes, which the committed
+    tables state."""
+    defense = _defense_module()
+    cells = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / "defense_cells.jsonl").open()]
+    assert cells and all(c["finetune"] == defense.finetune_of(defense.Sizes()) for c in cells)
+
+
+def test_summarise_only_replays_the_validation_stage_of_the_journal(tmp_path):
+    """`--summarise-only` replays the run's validation stage from the journal, so it shows the choices and validation
+    cells of the committed tables, not every validation cell the journal has gathered over earlier runs."""
+    committed = json.loads((ROOT / "benchmarks" / "results" / "defense.json").read_text())
+    journal = tmp_path / "cells.jsonl"
+    journal.write_text((ROOT / "benchmarks" / "results" / "defense_cells.jsonl").read_text())
+    gathered = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert len([c for c in gathered if c["split"] == "validation"]) > len(committed["tuning"])  # 49 against 43
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--summarise-only", "--journal", str(journal),
+         "--out", str(tmp_path / "defense")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    replayed = json.loads((tmp_path / "defense.json").read_text())
+    assert {k: v for k, v in replayed.items() if k != "meta"} == {k: v for k, v in committed.items() if k != "meta"}
+    assert "cannot be replayed" not in result.stdout
 
 
 def test_classifier_defaults_are_the_recipe_the_committed_benchmark_chose():
