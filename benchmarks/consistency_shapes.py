@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT))
 import consistency_schedule  # noqa: E402  (beside this script: the cell specs)
 import defense  # noqa: E402  (benchmarks/defense.py, beside this script)
 
-from hf_obliviate.consistency import state_spread  # noqa: E402
+from hf_obliviate.consistency import squared_distance, state_spread  # noqa: E402
 from hf_obliviate.metrics import asr_reduction  # noqa: E402
 
 OUT = ROOT / "results" / "history" / "consistency-shapes" / "cells.jsonl"
@@ -106,9 +106,7 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
     elif shape == "relative":
 
         def relative(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-            distance = ((perturbed.float() - clean.detach().float()) ** 2).sum(-1).mean()
-            spread = state_spread(clean.float())
-            return distance / spread.clamp_min(1e-6)
+            return squared_distance(clean, perturbed) / state_spread(clean.float()).clamp_min(1e-6)
 
         core.hidden_consistency_loss = relative
     elif shape == "hinge":
@@ -123,10 +121,8 @@ def use_shape(shape: str, margin: float, tau: float = 0.1, guard_below: float = 
         overrides = dict(defense.VARIANTS["scan-relative"])
 
         def capped(clean: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
-            clean = clean.float()
-            distance = ((perturbed.float() - clean.detach()) ** 2).sum(-1).mean()
-            spread, first = _spread_and_first(clean)  # the term pays for a collapse below the first, never above
-            return distance / torch.clamp(spread, min=1e-6, max=first)
+            spread, first = _spread_and_first(clean.float())  # the term pays for a collapse below the first, not above
+            return squared_distance(clean, perturbed) / torch.clamp(spread, min=1e-6, max=first)
 
         core.relative_consistency_loss = capped
     elif shape == "mse-guard":

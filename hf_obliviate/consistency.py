@@ -40,6 +40,7 @@ __all__ = [
     "rare_token_pool",
     "relative_consistency_loss",
     "scan_trigger_tokens",
+    "squared_distance",
     "state_spread",
 ]
 
@@ -206,6 +207,22 @@ def hidden_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torch.
     return F.mse_loss(perturbed_hidden.float(), clean_hidden.detach().float())
 
 
+def squared_distance(clean_hidden: torch.Tensor, perturbed_hidden: torch.Tensor) -> torch.Tensor:
+    """The squared distance of each copy's ``(batch, hidden)`` summary state to its clean one, the clean side detached
+    (a target), summed over features and averaged over the batch, in float32.
+
+    Example:
+    ```python
+    >>> import torch
+    >>> from hf_obliviate.consistency import squared_distance
+    >>> float(squared_distance(torch.zeros(2, 4), torch.ones(2, 4)))
+    4.0
+
+    ```
+    """
+    return ((perturbed_hidden.float() - clean_hidden.detach().float()) ** 2).sum(-1).mean()
+
+
 def state_spread(states: torch.Tensor) -> torch.Tensor:
     """The spread of ``(batch, hidden)`` summary states: their mean squared distance to their mean (summed over
     features, averaged over the batch), with gradients.
@@ -245,7 +262,7 @@ def relative_consistency_loss(clean_hidden: torch.Tensor, perturbed_hidden: torc
     """
     _check_states("relative", clean_hidden, perturbed_hidden)
     clean = clean_hidden.float()
-    distance = ((perturbed_hidden.float() - clean.detach()) ** 2).sum(-1).mean()
+    distance = squared_distance(clean, perturbed_hidden)
     if clean.shape[0] < 2:
         return distance * 0.0
     spread = state_spread(clean)
