@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -468,7 +469,8 @@ def run_cell(
         near_chance=own_cacc.get("near_chance", result.near_chance),
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
         sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=protocol_of(sizes),
-        finetune=finetune_of(sizes), extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
+        finetune=finetune_of(sizes),
+        extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
                    "asr_set_near_chance": result.near_chance} if own_cacc else {}),
                "lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
                "per_trigger_asr": result.per_trigger_asr, "targets": targets, **extra},
@@ -1215,7 +1217,7 @@ def _plot(rows: list[dict], path: Path, extra: list[dict] = ()) -> None:
     plt.close(fig)
 
 
-def validate(journal: Journal, encoder_path, sizes: Sizes) -> tuple:
+def validate(journal: Journal, encoder_path: Callable[[str], Path | None], sizes: Sizes) -> tuple:
     """The validation stage (`choose_lambdas`, `choose_lora_variant`, `confirm_finalists`, `confirm_on_adapters`,
     `choose_prefix_variant`, each as `sizes` asks for): ``(lambdas, tuning, lora_variant, lora_lambdas,
     prefix_variant)``, ``tuning`` the validation cells in the order the stages ran them. ``encoder_path(attack)``
