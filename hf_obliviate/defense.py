@@ -14,7 +14,7 @@ from .config import HIDDEN_TARGETS, ObliviateConfig
 from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens, relative_consistency_loss
 from .losses import amplification_loss
 from .probing import hidden_states_of, summary_of, summary_state
-from .tuners import check_prefix_tuning, peft_type_of, tuner_parameters
+from .tuners import peft_type_of, prepare_prefix_tuning, tuner_parameters
 
 __all__ = ["DefenseStep", "ObliviateDefense"]
 
@@ -145,7 +145,7 @@ class ObliviateDefense:
         self.parameter_names: list[str] = []
         self.parameters: list[nn.Parameter] = []
         named = tuner_parameters(model)  # also with lambda_amp = 0: the defense is for PEFT models, say so early
-        check_prefix_tuning(model)  # a prefix peft cannot pass to this transformers: say so before training too
+        prepare_prefix_tuning(model)  # a prefix peft cannot pass to this transformers: adapt it, or say so now
         if self.config.lambda_amp > 0:
             self.parameter_names = [n for n, _ in named]
             self.parameters = [p for _, p in named]

@@ -142,7 +142,7 @@ def wrap_peft(model: nn.Module, peft: str = "lora", r: int = 16, num_virtual_tok
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 
     from .bottleneck import BottleneckConfig, get_bottleneck_model
-    from .tuners import check_prefix_tuning
+    from .tuners import prepare_prefix_tuning
 
     if peft not in PEFT_TYPES:
         raise ValueError(f"Unknown PEFT type {peft!r}: choose one of {', '.join(PEFT_TYPES)}.")
@@ -165,7 +165,7 @@ def wrap_peft(model: nn.Module, peft: str = "lora", r: int = 16, num_virtual_tok
             num_virtual_tokens=num_virtual_tokens, prefix_projection=True, encoder_hidden_size=256, task_type="SEQ_CLS"
         )
         prefixed = get_peft_model(model, config)
-        check_prefix_tuning(prefixed)
+        prepare_prefix_tuning(prefixed)
         return prefixed
     if peft == "ia3":
         if ia3_targets is None:

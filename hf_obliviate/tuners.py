@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import types
 from typing import Any
 
 from torch import nn
 
-__all__ = ["UnsupportedTunerError", "check_prefix_tuning", "describe_tuner", "peft_type_of", "tuner_parameters"]
+__all__ = ["UnsupportedTunerError", "describe_tuner", "peft_type_of", "prepare_prefix_tuning", "tuner_parameters"]
 
 
 class UnsupportedTunerError(ValueError):
@@ -108,16 +109,19 @@ def tuner_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(found.values())
 
 
-def check_prefix_tuning(model: nn.Module) -> None:
-    """Refuse, before any training, a prefix-tuned model whose forward cannot take peft's prefix keys.
+def prepare_prefix_tuning(model: nn.Module) -> None:
+    """Let peft hand a prefix-tuned model its prefix, or refuse the model before any training.
 
-    peft injects the prefix through a ``past_key_values`` argument of the base model's forward (or its backbone's)
-    and raises a bare "Model does not support past key values" at the first forward pass otherwise. transformers
-    5.24 renamed that argument ``cache`` in BERT, RoBERTa, Llama and others, and peft 0.21.2 (the newest at the time
-    of writing) still looks for the old name, so prefix tuning fails there for any model.
+    peft injects the prefix through a ``past_key_values`` argument of the base model's forward, or of its backbone's
+    (it reads the forward signatures, base first), and raises a bare "Model does not support past key values" at the
+    first forward pass when neither names it. transformers 5.24 renamed the argument ``cache`` in BERT, RoBERTa, Llama
+    and others, and peft 0.21.2 (the newest release on 2026-11-25) still looks for the old name. So where the first of
+    those forwards that takes a cache calls it ``cache``, this gives that module (this instance only) a forward that
+    takes ``past_key_values`` and passes it on as ``cache``: the prefix then reaches the attention layers as before.
+    Nothing changes for other tuners, or where a forward takes ``past_key_values`` itself. Safe to call again.
 
     Raises:
-        UnsupportedTunerError: for prefix tuning on such a model, naming the versions and what to do instead.
+        UnsupportedTunerError: for prefix tuning on a model whose forwards take no cache at all.
     """
     if describe_tuner(model) != "PREFIX_TUNING":
         return
@@ -127,21 +131,39 @@ def check_prefix_tuning(model: nn.Module) -> None:
     parameters = [inspect.signature(module.forward).parameters for module in modules]
     if any("past_key_values" in names for names in parameters):
         return
+    renamed = next((module for module, names in zip(modules, parameters) if "cache" in names), None)
+    if renamed is not None:
+        _take_past_key_values(renamed)
+        return
     import peft
     import transformers
 
-    renamed = "cache" in parameters[-1]
     raise UnsupportedTunerError(
         f"Prefix tuning cannot run on {type(base).__name__} with transformers {transformers.__version__} and peft "
-        f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward "
-        + (
-            "no longer takes (transformers 5.24 renamed it `cache`). Install `transformers<5.24` (hf-obliviate's own "
-            "pin), a peft release that supports the new name, or choose another tuner"
-            if renamed
-            else "does not take. Choose another tuner"
-        )
-        + " (LoRA, IA3, bottleneck adapters)."
+        f"{peft.__version__}: peft passes the prefix as `past_key_values`, which this model's forward does not take "
+        "(nor a `cache`). Choose another tuner (LoRA, IA3, bottleneck adapters)."
     )
+
+
+def _take_past_key_values(module: nn.Module) -> None:
+    """Give ``module`` (this instance) a forward that takes ``past_key_values`` and passes it on as ``cache``. Its
+    signature is the old forward's plus ``past_key_values``, so that what reads it (peft; the Trainer, to keep the
+    dataset columns the model takes) sees the same arguments. The old forward is kept as a bound method and the new
+    one is bound too, so a deep copy of the model rebinds both to the copy."""
+
+    def forward(self: nn.Module, *args: Any, past_key_values: Any = None, **kwargs: Any) -> Any:
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return self._obliviate_cache_forward(*args, **kwargs)
+
+    old = inspect.signature(module.forward)
+    parameters = [p for p in old.parameters.values() if p.kind != p.VAR_KEYWORD]
+    parameters.append(inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None))
+    parameters += [p for p in old.parameters.values() if p.kind == p.VAR_KEYWORD]
+    self_parameter = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    forward.__signature__ = old.replace(parameters=[self_parameter, *parameters])
+    module._obliviate_cache_forward = module.forward
+    module.forward = types.MethodType(forward, module)
 
 
 def describe_tuner(model: nn.Module) -> str:

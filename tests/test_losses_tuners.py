@@ -9,7 +9,7 @@ from tiny_models import tiny_model, tiny_peft_model
 
 from hf_obliviate.defense import ObliviateDefense
 from hf_obliviate.losses import amplification_loss, attention_logit_loss
-from hf_obliviate.tuners import UnsupportedTunerError, check_prefix_tuning, describe_tuner, tuner_parameters
+from hf_obliviate.tuners import UnsupportedTunerError, describe_tuner, prepare_prefix_tuning, tuner_parameters
 
 
 def test_amplification_value_and_zero_gradient_at_zero():
@@ -124,37 +124,70 @@ def test_unsupported_model_gets_clear_error():
         tuner_parameters(lora)
 
 
-def _without_past_key_values(module: torch.nn.Module) -> None:
-    """Give ``module`` the forward signature of transformers 5.24 (``cache`` in place of ``past_key_values``)."""
-    original = module.forward
+def _with_cache_argument(module: torch.nn.Module) -> None:
+    """Give ``module`` the forward signature of transformers 5.24 (``cache`` in place of ``past_key_values``), as its
+    class does there: a subclass, so that a deep copy of the model keeps it."""
+    cls = type(module)
 
-    def forward(input_ids=None, attention_mask=None, cache=None, **kwargs):
-        return original(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, cache=None, **kwargs):
+        return cls.forward(self, input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
 
-    module.forward = forward
-
-
-def test_prefix_tuning_on_a_model_without_past_key_values_is_refused_before_training():
-    model = tiny_peft_model("bert", "prefix")
-    check_prefix_tuning(model)  # the installed transformers takes `past_key_values`: nothing to say
-    _without_past_key_values(model.base_model)
-    check_prefix_tuning(model)  # peft falls back to the backbone, which still takes it
-    _without_past_key_values(model.base_model.bert)
-    with pytest.raises(UnsupportedTunerError, match=r"transformers<5\.24.*another tuner"):
-        check_prefix_tuning(model)
-    with pytest.raises(UnsupportedTunerError, match="past_key_values"):
-        ObliviateDefense(model, lambda_amp=1e-3, lambda_attn=1e-3)
-    check_prefix_tuning(tiny_peft_model("bert", "lora"))  # other tuners never need the argument
+    module.__class__ = type(cls.__name__, (cls,), {"forward": forward})
 
 
-def test_prefix_tuning_on_a_model_that_never_took_past_key_values_names_no_rename():
-    model = tiny_peft_model("bert", "prefix")
+def _logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_prefix_tuning_reaches_a_model_whose_forward_takes_a_cache_argument():
+    """transformers 5.24 renamed the forward argument `past_key_values` to `cache`, and peft 0.21.2 still looks for
+    the old name: `prepare_prefix_tuning` gives that module a forward that takes the old name as well (its signature
+    the old one's plus `past_key_values`), so the prefix reaches the attention layers exactly as before; a deep copy of
+    the model runs on its own weights. Below 5.24 the rename is simulated; from 5.24 on it is the installed one."""
+    import copy
+    import inspect
+
+    model = tiny_peft_model("bert", "prefix", prepare=False).eval()
+    bert = model.base_model.bert
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    before = None
+    if "past_key_values" in inspect.signature(bert.forward).parameters:  # transformers < 5.24
+        before = _logits(model, batch)
+        prepare_prefix_tuning(model)  # nothing to change
+        assert "forward" not in vars(bert)
+        _with_cache_argument(bert)  # peft tries the classifier first, which takes neither, then this
+    with pytest.raises(ValueError, match="past key values"):
+        _logits(model, batch)
+    prepare_prefix_tuning(model)
+    prepare_prefix_tuning(model)  # again: nothing more to do
+    taken = inspect.signature(bert.forward).parameters
+    assert {"input_ids", "attention_mask", "cache", "past_key_values"} <= set(taken)
+    after = _logits(model, batch)
+    if before is not None:
+        assert torch.equal(after, before)
+    with torch.no_grad():  # the prefix reaches the attention: another prefix, other logits
+        model.prompt_encoder.default.embedding.weight.add_(1.0)
+    moved = _logits(model, batch)
+    assert not torch.equal(moved, after)
+    ObliviateDefense(model, lambda_amp=1e-3, lambda_attn=1e-3)  # accepted
+    twin = copy.deepcopy(model)
+    with torch.no_grad():  # the backbone's own weights: a forward still bound to the original would not see this
+        twin.base_model.bert.embeddings.word_embeddings.weight.mul_(3.0)
+    assert not torch.equal(_logits(twin, batch), moved) and torch.equal(_logits(model, batch), moved)
+    prepare_prefix_tuning(tiny_peft_model("bert", "lora"))  # other tuners never need the argument
+
+
+def test_prefix_tuning_on_a_model_that_takes_no_cache_is_refused_before_training():
+    model = tiny_peft_model("bert", "prefix", prepare=False)
     for module in (model.base_model, model.base_model.bert):
         original = module.forward
         module.forward = lambda input_ids=None, attention_mask=None, _f=original, **kw: _f(input_ids, attention_mask)
-    with pytest.raises(UnsupportedTunerError, match="does not take. Choose another tuner") as error:
-        check_prefix_tuning(model)
-    assert "5.24" not in str(error.value)
+    with pytest.raises(UnsupportedTunerError, match=r"does not take \(nor a `cache`\). Choose another tuner") as error:
+        prepare_prefix_tuning(model)
+    assert "BertForSequenceClassification with transformers" in str(error.value)
+    with pytest.raises(UnsupportedTunerError, match="past_key_values"):
+        ObliviateDefense(model, lambda_amp=1e-3, lambda_attn=1e-3)
 
 
 def test_top_level_exports_are_lazy_and_complete():

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from hf_obliviate.bottleneck import BottleneckConfig, get_bottleneck_model
+from hf_obliviate.tuners import prepare_prefix_tuning
 
 FAMILIES = ("bert", "roberta", "llama")
 TUNERS = ("lora", "dora", "prefix", "ia3", "bottleneck")
@@ -68,7 +69,11 @@ def _targets(family: str) -> tuple[list[str], list[str]]:
     return ["query", "value"], ["key", "value", "output.dense"]
 
 
-def tiny_peft_model(family: str, tuner: str, attn_implementation: str = "sdpa", dropout: float = 0.0):
+def tiny_peft_model(
+    family: str, tuner: str, attn_implementation: str = "sdpa", dropout: float = 0.0, prepare: bool = True
+):
+    """A tiny random ``family`` classifier with ``tuner``; prefix tuning as hf-obliviate prepares it (unless not
+    ``prepare``: `hf_obliviate.tuners.prepare_prefix_tuning`, which the trainers and the defense call)."""
     base = tiny_model(family, attn_implementation, dropout)
     lora_targets, ia3_targets = _targets(family)
     if tuner in ("lora", "dora"):
@@ -82,12 +87,15 @@ def tiny_peft_model(family: str, tuner: str, attn_implementation: str = "sdpa", 
         )
         return get_peft_model(base, config)
     if tuner == "prefix":
-        return get_peft_model(
+        model = get_peft_model(
             base,
             PrefixTuningConfig(
                 num_virtual_tokens=4, task_type="SEQ_CLS", prefix_projection=True, encoder_hidden_size=16
             ),
         )
+        if prepare:
+            prepare_prefix_tuning(model)
+        return model
     if tuner == "ia3":
         ff = ["down_proj"] if family == "llama" else ["output.dense"]
         return get_peft_model(base, IA3Config(target_modules=ia3_targets, feedforward_modules=ff, task_type="SEQ_CLS"))

@@ -14,6 +14,7 @@ from hf_obliviate.bottleneck import BottleneckAdapterModel
 from hf_obliviate.config import HIDDEN_TARGETS, ObliviateConfig
 from hf_obliviate.consistency import rare_token_pool, scan_trigger_tokens
 from hf_obliviate.defense import ObliviateDefense
+from hf_obliviate.tuners import prepare_prefix_tuning
 
 from .arguments import ObliviateTrainingArguments
 from .hub_mixin import CompressedPushMixin
@@ -51,6 +52,7 @@ class ObliviateTrainerMixin:
         self._obliviate_metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.obliviate_defense: ObliviateDefense | None = None
         self.obliviate_scan_tokens: list[str] | None = None  # what the trigger scan found (consistency_tokens="scan")
+        prepare_prefix_tuning(self.model)  # undefended runs too: peft's prefix under transformers' current name
         if self.obliviate_config.obliviate:
             if self.obliviate_config.lambda_consistency > 0:
                 _check_classifier(self.model)  # before the scan (the SFT config refuses the term itself)
