@@ -1345,11 +1345,10 @@ def main() -> None:
     journal = Journal(
         args.journal or args.out.with_name(args.out.name + "_cells.jsonl"), args.resume or args.summarise_only, jobs
     )
-    recorded = journal_finetune(journal.cells.values())
-    if args.summarise_only and recorded is not None:
-        for name, value in recorded.items():  # the tables state what the journal's fine-tunes used
-            setattr(sizes, name, value)
-    elif not args.summarise_only and (conflicts := recipe_conflicts(journal.cells.values(), sizes)):
+    if args.summarise_only:
+        for name, value in (journal_finetune(journal.cells.values()) or {}).items():
+            setattr(sizes, name, value)  # the tables state what the journal's fine-tunes used
+    elif conflicts := recipe_conflicts(journal.cells.values(), sizes):
         parser.error(
             f"{journal.path} holds fine-tunes of other settings: {'; '.join(conflicts)}. Give this run its own "
             "--journal (or --out), or pass the flags that match."
