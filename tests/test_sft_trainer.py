@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -245,7 +246,8 @@ def test_importing_the_trainer_package_does_not_import_trl():
         "import sys, hf_obliviate, hf_obliviate.trainer; assert 'trl' not in sys.modules; "
         "from hf_obliviate import ObliviateSFTTrainer; assert 'trl' in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    path = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}  # packages put there
+    subprocess.run([sys.executable, "-c", code], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": "", **path})
 
 
 def test_one_forward_per_step_and_one_capture_per_layer(tmp_path, tokenizer):

@@ -76,7 +76,7 @@ def test_every_tuner_and_family_trains_end_to_end(tmp_path, family, tuner):
         assert all(torch.isfinite(torch.tensor(entry[k])) for k in ("loss", "loss_task", "loss_amp", "loss_attn"))
         assert entry["loss_amp"] < 0 < entry["loss_attn"]
     after = dict(model.named_parameters())
-    changed = [n for n in before if not torch.equal(before[n], after[n].detach())]
+    changed = [n for n in before if not torch.equal(before[n], after[n].detach().to(before[n].device))]
     assert changed, "no trainable tensor moved"
     trainer.save_model(str(tmp_path / "saved"))
     saved = {p.name for p in (tmp_path / "saved").iterdir()}
@@ -118,7 +118,9 @@ def test_rows_query_on_a_classifier_penalises_every_real_token(tmp_path):
     assert logged["loss_attn"] == pytest.approx(expected["rows"], rel=1e-4)
     # Without an attention mask every token is real: all rows count.
     same_length = Dataset.from_list([{"input_ids": list(range(5 + i, 11 + i)), "labels": i % 2} for i in range(4)])
-    unmasked = {k: v for k, v in PadCollator(0)([same_length[i] for i in range(4)]).items() if k != "attention_mask"}
+    device = next(model.parameters()).device  # the Trainer moved it (HF_OBLIVIATE_TEST_DEVICE)
+    unmasked = {k: v.to(device) for k, v in PadCollator(0)([same_length[i] for i in range(4)]).items()
+                if k != "attention_mask"}  # fmt: skip
     defense = ObliviateDefense(model, ObliviateConfig(lambda_amp=0.0, lambda_attn=1.0, attn_query="rows"))
     with torch.no_grad(), defense.track(query_mask=torch.ones_like(unmasked["input_ids"])) as step:
         model(**unmasked)
@@ -244,5 +246,6 @@ def test_compressed_push_dry_run_from_defended_lora(tmp_path, caplog):
     exact = load_compressed(str(base_dir), str(tmp_path / "factors")).eval()
     batch = PadCollator(0)([_dataset(4)[i] for i in range(4)])
     with torch.no_grad():
-        expected = trainer.model.eval()(**batch).logits
+        device = next(trainer.model.parameters()).device  # the Trainer moved it (HF_OBLIVIATE_TEST_DEVICE)
+        expected = trainer.model.eval()(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
         torch.testing.assert_close(exact(**batch).logits, expected, rtol=1e-2, atol=1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 from transformers import (
@@ -147,11 +149,17 @@ def tiny_causal_lm(vocab_size: int, attn_implementation: str = "sdpa", seed: int
 
 
 def quiet_training_kwargs(output_dir, **overrides) -> dict:
-    """Deterministic, quiet, CPU-only training arguments for the trainer tests (defense on, strong coefficients)."""
+    """Deterministic, quiet training arguments for the trainer tests (defense on, strong coefficients).
+
+    CPU-only, unless ``HF_OBLIVIATE_TEST_DEVICE=cuda`` (a GPU smoke run of the trainer tests: the Trainer then
+    places the model on the GPU)."""
+    device = os.environ.get("HF_OBLIVIATE_TEST_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"HF_OBLIVIATE_TEST_DEVICE must be 'cpu' or 'cuda', got {device!r}.")
     kwargs = dict(
         output_dir=str(output_dir),
         report_to="none",
-        use_cpu=True,
+        use_cpu=device == "cpu",
         learning_rate=1e-3,
         logging_steps=1,
         save_strategy="no",
