@@ -97,8 +97,9 @@ class Sizes:
     takes about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a
     minute per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
-    stayed at chance, 0.55). On a GPU use e.g. ``--train 4000 --epochs 2 --eval-n 1000 --out results/defense_gpu``
-    (other fine-tunes need their own journal)."""
+    stayed at chance, 0.55). On a GPU, ``results/defense_gpu.md`` ran ``--train 3200 --epochs 1 --eval-n 1000
+    --plant-steps 640 --jobs 12 --lambdas 3e-4 3e-3 --variant scan-relative 0 3e-3 --seeds 0 1`` (then 2 3) on one
+    H100: planting and 92 fine-tunes in 5.8 minutes (other fine-tunes need their own journal)."""
 
     train: int = 1600
     epochs: float = 1.0
@@ -219,6 +220,7 @@ class Cell:
     checkpoint: str = CLEAN_CHECKPOINT  # `checkpoint_of`: a re-planted attack is another encoder, with its own cells
     protocol: int = 1  # how the cell was measured (`protocol_of`; journal cells without it: 1)
     finetune: dict | None = None  # `finetune_of` its sizes (journal cells without it: before 2026-11-25)
+    device: str | None = None  # `device_name()` where it ran (journal cells without it: not recorded)
 
 
 # Named variants of the recipe (the reference is METHOD.md's): name -> ObliviateConfig overrides.
@@ -255,6 +257,21 @@ PREFIX_VARIANTS = ("reference", "skip-virtual-keys")
 
 def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name() -> str:
+    """The GPU's name, or ``CPU (n cores)``: what the tables say the cells ran on."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
+def cells_device(cells: list[dict], here: str) -> str:
+    """What ``cells`` ran on, as their journal records it (``here`` for cells that record nothing: those made before
+    2026-11-25 evening, all on the 2-core CPU machine)."""
+    recorded = sorted({c["device"] for c in cells if c.get("device")})
+    unrecorded = any(not c.get("device") for c in cells)
+    if not recorded:
+        return here
+    return " + ".join(recorded) + (f" (and cells with no device recorded, taken as {here})" if unrecorded else "")
 
 
 def _attack_config(attack: str, sizes: Sizes):
@@ -469,7 +486,7 @@ def run_cell(
         near_chance=own_cacc.get("near_chance", result.near_chance),
         seconds=round(time.time() - start, 1), split=split, variant=variant if defended else "reference",
         sampling=sizes.sampling, checkpoint=checkpoint_of(encoder, sizes), protocol=protocol_of(sizes),
-        finetune=finetune_of(sizes),
+        finetune=finetune_of(sizes), device=device_name(),
         extra={**({"cacc_n": own_cacc["cacc_n"], "asr_set_cacc": result.cacc,
                    "asr_set_near_chance": result.near_chance} if own_cacc else {}),
                "lmsanitator_asr": result.asr, "accuracy_drop": result.accuracy_drop,
@@ -952,9 +969,12 @@ def _mean_reduction(rows: list[dict]) -> tuple[float | None, list[dict]]:
 def write(
     out: Path, rows: list[dict], tuning: list[dict], lambdas, sizes: Sizes, device: str, wall: float, *,
     prefix_variant: str = "reference", lora_variant: str = "reference", lora_lambdas=None,
-    cells: list[dict] | None = None, made: int | None = None,
+    cells: list[dict] | None = None, made: int | None = None, given: bool = False,
 ) -> None:  # fmt: skip
+    """The JSON, Markdown and plot of a run. ``given``: the coefficients and recipes came from ``--lambdas`` /
+    ``--variant`` (no validation stage chose them), and the tables say so."""
     lora_lambdas = tuple(lora_lambdas or lambdas)
+    chosen = "given (--lambdas / --variant)" if given else "chosen on the validation split"
 
     def is_default(r: dict) -> bool:  # the recipes chosen on the validation split (LoRA's also for adapters)
         if r["peft"] == "prefix":
@@ -988,7 +1008,9 @@ def write(
         "prefix_variant": prefix_variant,
         "lora_variant": lora_variant,
         "lora_variant_lambdas": list(lora_lambdas),
-        "lora_variant_rule": lora_adapter_choice(tuning)[1] if tuning else "given (--lambdas)",
+        "lora_variant_rule": "given (--lambdas / --variant)"
+        if given or not tuning
+        else lora_adapter_choice(tuning)[1],
         "max_cacc_drop_points_defaults": round(
             max((-r["cacc_delta_points"] for r in rows if is_default(r)), default=0.0), 2
         ),
@@ -1034,7 +1056,7 @@ def write(
         f"({sizes.sampling} sampling), lr {', '.join(f'{k} {v:g}' for k, v in sizes.learning_rates.items())}, "
         f"max length {sizes.max_length}; test: {_measured(sizes, cells)}; seeds {list(sizes.seeds)}; attacks "
         f"planted with {sizes.plant_steps} steps. Wall time "
-        f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients chosen on the validation split: "
+        f"{wall / 60:.1f} min{_resumed(made, cells)}. Defense coefficients {chosen}: "
         f"λ_amp = {lambdas[0]:g}, λ_attn = {lambdas[1]:g}.",
         "",
         "ASR column: LMSanitator ASR (POR, NeuBA, clean control, task-specific, adaptive); BadPre and UOR, which have "
@@ -1090,8 +1112,8 @@ def write(
         ]
     lines += [
         "",
-        f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults, chosen on the validation "
-        f"split: LoRA and adapters with the `{lora_variant}` recipe (λ_amp = {lora_lambdas[0]:g}, "
+        f"Mean ASR reduction over the task-agnostic attacks and PEFT types (the defaults, {chosen}: LoRA and "
+        f"adapters with the `{lora_variant}` recipe (λ_amp = {lora_lambdas[0]:g}, "
         f"λ_attn = {lora_lambdas[1]:g}), prefix tuning with the `{prefix_variant}` recipe): "
         f"**{100 * (summary['mean_asr_reduction_task_agnostic'] or float('nan')):.1f}%** over "
         f"{summary['cells_in_mean']} rows, each over its seeds whose undefended and defended runs are both above "
@@ -1109,6 +1131,24 @@ def write(
             for name, v in by_recipe.items()
         )
         + ".",
+    ]
+    if given and not tuning:
+        lines += ["", "No validation stage: the coefficients and the LoRA / adapter recipe were given (`--lambdas`, "
+                  "`--variant`)."]  # fmt: skip
+    else:
+        lines += _validation_lines(tuning, sizes, lora_variant, lora_lambdas, summary)
+    lines += ["", f"Regenerate: `{meta['command']}`."]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
+             {(name, tuple(lam)) for name, lam in TEST_RECIPES} and not is_default(r)]  # fmt: skip
+    _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
+
+
+def _validation_lines(
+    tuning: list[dict], sizes: Sizes, lora_variant: str, lora_lambdas: tuple, summary: dict
+) -> list[str]:
+    """The Markdown section of the validation stage: its rule, this run's choice and every validation cell."""
+    lines = [
         "",
         "## Validation split: coefficients on LoRA, the LoRA / adapter variant, then the prefix-tuning recipe",
         "",
@@ -1137,11 +1177,7 @@ def write(
         f"{c['lambda_attn']:g} | {c['cacc']:.3f} | {c['asr']:.3f}{' ⚠ near chance' if c['near_chance'] else ''} |"
         for c in tuning
     ]
-    lines += ["", f"Regenerate: `{meta['command']}`."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
-             {(name, tuple(lam)) for name, lam in TEST_RECIPES} and not is_default(r)]  # fmt: skip
-    _plot([r for r in rows if is_default(r)], out.with_suffix(".png"), extra)
+    return lines
 
 
 def _delta(r: dict) -> str:
@@ -1250,6 +1286,25 @@ def validate(journal: Journal, encoder_path: Callable[[str], Path | None], sizes
     return lambdas, tuning, lora_variant, lora_lambdas, prefix_variant
 
 
+def parse_variant(parser: argparse.ArgumentParser, values: list[str] | None, lambdas) -> tuple | None:
+    """``--variant NAME [λ_amp λ_attn]`` as ``(NAME, (λ_amp, λ_attn))`` (default coefficients: ``--lambdas``);
+    None when not given. A bad name, count or number is a usage error."""
+    if values is None:
+        return None
+    if lambdas is None:
+        parser.error("--variant needs --lambdas (the reference recipe's coefficients): it skips the validation split.")
+    name, rest = values[0], values[1:]
+    if name not in VARIANT_GRIDS:
+        parser.error(f"--variant {name!r}: choose one of {', '.join(VARIANT_GRIDS)}.")
+    if len(rest) not in (0, 2):
+        parser.error(f"--variant takes a name and optionally λ_amp λ_attn, got {' '.join(values)!r}.")
+    try:
+        coefficients = tuple(float(v) for v in rest) or tuple(lambdas)
+    except ValueError:
+        parser.error(f"--variant {name}: coefficients must be numbers, got {' '.join(rest)!r}.")
+    return name, coefficients
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Tiny sizes: exercise every code path in minutes.")
@@ -1298,6 +1353,15 @@ def main() -> None:
     )
     parser.add_argument("--lambdas", type=float, nargs=2, default=None, help="Skip the search: λ_amp λ_attn.")
     parser.add_argument(
+        "--variant",
+        nargs="+",
+        default=None,
+        metavar="NAME [λ_amp λ_attn]",
+        help="With --lambdas: the LoRA / adapter recipe to test beside the reference one, instead of the validation "
+        f"split's choice ({', '.join(VARIANT_GRIDS)}), at its own λ_amp λ_attn (default: --lambdas). The committed "
+        "run's choice: --lambdas 3e-4 3e-3 --variant scan-relative 0 3e-3.",
+    )
+    parser.add_argument(
         "--encoders",
         nargs="+",
         default=None,
@@ -1306,6 +1370,7 @@ def main() -> None:
         "--resume) split the run over two cores; `--summarise-only` then builds the tables from the journal.",
     )
     args = parser.parse_args()
+    chosen_variant = parse_variant(parser, args.variant, args.lambdas)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sizes = QUICK if args.quick else Sizes()
     if args.train:
@@ -1337,7 +1402,7 @@ def main() -> None:
         # A run without --resume starts its journal afresh, and a journal holds cells of one set of fine-tuning
         # settings (`recipe_conflicts`): a run of other sizes must not replace the committed journal and tables.
         parser.error(f"{' '.join(changed)} change the cells: give them their own --journal (or --out).")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = device_name()
     start = time.time()
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}.")
@@ -1373,12 +1438,12 @@ def main() -> None:
                 parser.error(f"{journal.path} has no defended LoRA cells of the validation split to choose the "
                              "coefficients from: pass the chosen ones with --lambdas λ_amp λ_attn.")  # fmt: skip
             lambdas = tuple(args.lambdas) if args.lambdas else pick_lambdas(tuning)
-            lora_variant, lora_lambdas = pick_lora_variant(tuning, lambdas)
+            lora_variant, lora_lambdas = chosen_variant or pick_lora_variant(tuning, lambdas)
             prefix_variant = pick_prefix_variant(tuning, lambdas)
         wall = sum(c["seconds"] for c in cells)
-        write(args.out, summarise(cells), tuning, lambdas, sizes, device + " (cells' own time)", wall,
-              prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas,
-              cells=cells)  # fmt: skip
+        write(args.out, summarise(cells), tuning, lambdas, sizes, cells_device(cells, device) + " (cells' own time)",
+              wall, prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=cells,
+              given=bool(args.lambdas))  # fmt: skip
         print(args.out.with_suffix(".md").read_text())
         return
     # Attacks are planted (or loaded from the cache) in this process when a phase first needs them: POR and NeuBA for
@@ -1392,8 +1457,10 @@ def main() -> None:
 
     if args.lambdas:
         lambdas, tuning = tuple(args.lambdas), []
-        lora_variant, lora_lambdas, prefix_variant = "reference", lambdas, "reference"
-        print(f"given λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}", flush=True)
+        (lora_variant, lora_lambdas), prefix_variant = chosen_variant or ("reference", lambdas), "reference"
+        also = f"; LoRA / adapters also {lora_variant} at {lora_lambdas[0]:g} / {lora_lambdas[1]:g}"
+        print(f"given λ_amp={lambdas[0]:g} λ_attn={lambdas[1]:g}{also if lora_variant != 'reference' else ''}",
+              flush=True)  # fmt: skip
     else:
         lambdas, tuning, lora_variant, lora_lambdas, prefix_variant = validate(journal, encoder_path, sizes)
 
@@ -1432,7 +1499,7 @@ def main() -> None:
     cells = current_cells(list(journal.cells.values()), sizes)
     write(args.out, summarise(cells), tuning, lambdas, sizes, device, time.time() - start,
           prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=cells,
-          made=made)  # fmt: skip
+          made=made, given=bool(args.lambdas))  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
 
 

@@ -28,6 +28,8 @@ def test_defense_benchmark_quick(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
+    journal = [json.loads(line) for line in out.with_name(out.name + "_cells.jsonl").read_text().splitlines()]
+    assert journal and all(c["device"] for c in journal)  # each cell records where it ran
     attacks = {c["attack"] for c in data["cells"]}
     assert {"por", "neuba", "badpre", "uor", "task-specific", "adaptive-por"} <= attacks
     assert "lora" in data["control"]
@@ -678,3 +680,76 @@ def test_classifier_defaults_are_the_recipe_the_committed_benchmark_chose():
     assert ObliviateConfig().lambda_consistency == 0
     assert (ObliviateConfig().lambda_amp, ObliviateConfig().lambda_attn) == (reference["lambda_amp"],
                                                                              reference["lambda_attn"])  # fmt: skip
+
+
+def test_given_coefficients_and_variant_rebuild_the_committed_test_rows(tmp_path):
+    """`--lambdas` with `--variant` names the choice the validation split would make (for runs that skip it, e.g. at
+    other sizes on a GPU): on the committed journal it gives the committed test rows and mean."""
+    committed = json.loads((ROOT / "benchmarks" / "results" / "defense.json").read_text())
+    journal = tmp_path / "cells.jsonl"
+    journal.write_text((ROOT / "benchmarks" / "results" / "defense_cells.jsonl").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    summary = committed["summary"]
+    amp, attn = summary["lora_variant_lambdas"]
+    reference = summary["chosen_lambdas"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--summarise-only", "--journal", str(journal),
+         "--out", str(tmp_path / "defense"), "--lambdas", str(reference["lambda_amp"]), str(reference["lambda_attn"]),
+         "--variant", summary["lora_variant"], str(amp), str(attn)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    given = json.loads((tmp_path / "defense.json").read_text())
+    for key in ("cells", "control", "mean_asr_reduction"):
+        assert given[key] == committed[key], key
+    assert given["summary"]["lora_variant"] == summary["lora_variant"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variant", "scan-relative"], "--variant needs --lambdas"),
+        (["--lambdas", "3e-4", "3e-3", "--variant", "nope"], "choose one of"),
+        (["--lambdas", "3e-4", "3e-3", "--variant", "scan-relative", "0"], "optionally λ_amp λ_attn"),
+        (["--lambdas", "3e-4", "3e-3", "--variant", "scan-relative", "0", "x"], "must be numbers"),
+    ],
+)
+def test_a_bad_variant_is_a_usage_error_before_any_work(argv, message, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--out", str(tmp_path / "defense"), *argv],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.glob("defense*"))
+
+
+def test_summarise_only_rebuilds_the_committed_gpu_table(tmp_path):
+    """The GPU run's journal (`defense_gpu_cells.jsonl`, made on an H100 with given coefficients) rebuilds the
+    committed `defense_gpu.json`, and its tables name the device the cells ran on and say that nothing was chosen."""
+    results = ROOT / "benchmarks" / "results"
+    committed = json.loads((results / "defense_gpu.json").read_text())
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    command = committed["meta"]["command"].split()[2:]  # after "python benchmarks/defense.py"
+    out = command.index("--out")
+    command[out + 1] = str(tmp_path / "defense_gpu")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), *command],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rebuilt = json.loads((tmp_path / "defense_gpu.json").read_text())
+    assert {k: v for k, v in rebuilt.items() if k != "meta"} == {k: v for k, v in committed.items() if k != "meta"}
+    md = (tmp_path / "defense_gpu.md").read_text()
+    assert "Device: NVIDIA H100 80GB HBM3" in md and "No validation stage" in md
+    assert "given (--lambdas / --variant)" in md and "chosen on the validation split" not in md
+    assert rebuilt["summary"]["lora_variant_rule"] == "given (--lambdas / --variant)"
+
+
+def test_tables_name_the_device_the_cells_recorded():
+    defense = _defense_module()
+    assert defense.cells_device([{}, {"device": None}], "CPU (2 cores)") == "CPU (2 cores)"
+    assert defense.cells_device([{"device": "GPU A"}, {"device": "GPU A"}], "CPU (2 cores)") == "GPU A"
+    assert defense.cells_device([{"device": "GPU A"}, {}], "CPU (2 cores)") == (
+        "GPU A (and cells with no device recorded, taken as CPU (2 cores))"
+    )
