@@ -265,8 +265,8 @@ def device_name() -> str:
 
 
 def cells_device(cells: list[dict], here: str) -> str:
-    """What ``cells`` ran on, as their journal records it (``here`` for cells that record nothing: those made before
-    2026-11-25 evening, all on the 2-core CPU machine)."""
+    """What ``cells`` ran on, as their journal records it; ``here`` (this machine) for cells that record nothing,
+    made before the field came in (2026-11-25; the committed CPU journal's cells all ran on the 2-core machine)."""
     recorded = sorted({c["device"] for c in cells if c.get("device")})
     unrecorded = any(not c.get("device") for c in cells)
     if not recorded:
@@ -1497,7 +1497,7 @@ def main() -> None:
     if args.encoders:  # a partial process: cells from another process may be in the journal by now
         journal = Journal(journal.path, resume=True)
     cells = current_cells(list(journal.cells.values()), sizes)
-    write(args.out, summarise(cells), tuning, lambdas, sizes, device, time.time() - start,
+    write(args.out, summarise(cells), tuning, lambdas, sizes, cells_device(cells, device), time.time() - start,
           prefix_variant=prefix_variant, lora_variant=lora_variant, lora_lambdas=lora_lambdas, cells=cells,
           made=made, given=bool(args.lambdas))  # fmt: skip
     print(args.out.with_suffix(".md").read_text())
