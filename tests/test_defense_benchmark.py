@@ -735,7 +735,7 @@ def test_summarise_only_rebuilds_the_committed_gpu_table(tmp_path):
     command[out + 1] = str(tmp_path / "defense_gpu")
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "defense.py"), *command],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,  # the command's paths are the repo's
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     rebuilt = json.loads((tmp_path / "defense_gpu.json").read_text())
