@@ -1136,7 +1136,7 @@ def write(
         lines += ["", "No validation stage: the coefficients and the LoRA / adapter recipe were given (`--lambdas`, "
                   "`--variant`)."]  # fmt: skip
     else:
-        lines += _validation_lines(tuning, sizes, lora_variant, lora_lambdas, summary)
+        lines += _validation_lines(tuning, sizes, lora_variant, lora_lambdas, summary["lora_variant_rule"])
     lines += ["", f"Regenerate: `{meta['command']}`."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     extra = [r for r in rows if (r["variant"], (r["lambda_amp"], r["lambda_attn"])) in
@@ -1145,9 +1145,10 @@ def write(
 
 
 def _validation_lines(
-    tuning: list[dict], sizes: Sizes, lora_variant: str, lora_lambdas: tuple, summary: dict
+    tuning: list[dict], sizes: Sizes, lora_variant: str, lora_lambdas: tuple, rule: str
 ) -> list[str]:
-    """The Markdown section of the validation stage: its rule, this run's choice and every validation cell."""
+    """The Markdown section of the validation stage: its rule, this run's choice (and the ``rule`` that made it) and
+    every validation cell."""
     lines = [
         "",
         "## Validation split: coefficients on LoRA, the LoRA / adapter variant, then the prefix-tuning recipe",
@@ -1166,7 +1167,7 @@ def _validation_lines(
         "if none does, the one that keeps it on LoRA and misses it least on adapters, else the one that misses it "
         "least. When no setting cuts the ASR that far, the floor comes first, in the same order. This run: "
         f"`{lora_variant}` at λ_amp = {lora_lambdas[0]:g}, λ_attn = "
-        f"{lora_lambdas[1]:g} ({summary['lora_variant_rule']}).",
+        f"{lora_lambdas[1]:g} ({rule}).",
         "",
         "| encoder | PEFT | seed | recipe | λ_amp | λ_attn | val CACC | val ASR |",
         "|---|---|---|---|---|---|---|---|",

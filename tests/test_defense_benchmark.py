@@ -15,17 +15,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _run_defense(tmp_path: Path, *argv: str, timeout: int = 300, cwd: Path | None = None):
+    """``python benchmarks/defense.py *argv`` offline, with its own cache under ``tmp_path``; output captured."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), *argv],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_defense_benchmark_quick(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "defense"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--quick", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    result = _run_defense(tmp_path, "--quick", "--out", str(out), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.with_suffix(".json").read_text())
     journal = [json.loads(line) for line in out.with_name(out.name + "_cells.jsonl").read_text().splitlines()]
@@ -56,10 +58,7 @@ def test_defense_benchmark_quick(tmp_path):
     assert {c["protocol"] for c in journal} == {2} and {c["extra"]["cacc_n"] for c in journal} == {16}
     assert "CACC on 16 clean sentences" in table
     # Resume: a second run reuses every finished cell.
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--quick", "--resume", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    again = _run_defense(tmp_path, "--quick", "--resume", "--out", str(out), timeout=600)
     assert again.returncode == 0 and " und λ" not in again.stdout
 
 
@@ -569,15 +568,12 @@ def test_a_journal_of_another_sampler_is_not_resumed(tmp_path):
     --summarise-only states the journal's own."""
     journal = tmp_path / "cells.jsonl"
     journal.write_text(json.dumps(_cell("lora", False, 0.7, 0.9)) + "\n")  # an old cell: no "sampling" (random)
-    command = [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--journal", str(journal),
-               "--out", str(tmp_path / "defense")]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    command = ("--journal", str(journal), "--out", str(tmp_path / "defense"))
+    result = _run_defense(tmp_path, *command, "--resume")
     assert result.returncode == 2 and 'sampling "random" (this run: "bucketed"; --sampling)' in result.stderr
-    result = subprocess.run([*command, "--summarise-only"], env=env, capture_output=True, text=True, timeout=300)
+    result = _run_defense(tmp_path, *command, "--summarise-only")
     assert result.returncode == 2 and "no defended LoRA cells of the validation split" in result.stderr
-    result = subprocess.run([*command, "--summarise-only", "--lambdas", "0", "0.003"], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = _run_defense(tmp_path, *command, "--summarise-only", "--lambdas", "0", "0.003")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(random sampling)" in (tmp_path / "defense.md").read_text()
 
@@ -601,13 +597,10 @@ def test_a_journal_of_other_fine_tuning_settings_is_not_resumed_or_tabulated_tog
     assert defense.journal_finetune([cell, own]) is None
     journal = tmp_path / "cells.jsonl"
     journal.write_text(json.dumps(cell) + "\n")
-    command = [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--journal", str(journal),
-               "--out", str(tmp_path / "defense")]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    command = ("--journal", str(journal), "--out", str(tmp_path / "defense"))
+    result = _run_defense(tmp_path, *command, "--resume")
     assert result.returncode == 2 and "learning_rates" in result.stderr and "--lr)" in result.stderr
-    result = subprocess.run([*command, "--summarise-only", "--lambdas", "0", "0.003"], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
+    result = _run_defense(tmp_path, *command, "--summarise-only", "--lambdas", "0", "0.003")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lr lora 0.002, prefix 0.002, adapter 0.002" in (tmp_path / "defense.md").read_text()
 
@@ -651,12 +644,7 @@ def test_summarise_only_replays_the_validation_stage_of_the_journal(tmp_path):
     journal.write_text((ROOT / "benchmarks" / "results" / "defense_cells.jsonl").read_text())
     gathered = [json.loads(line) for line in journal.read_text().splitlines()]
     assert len([c for c in gathered if c["split"] == "validation"]) > len(committed["tuning"])  # 49 against 43
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--summarise-only", "--journal", str(journal),
-         "--out", str(tmp_path / "defense")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = _run_defense(tmp_path, "--summarise-only", "--journal", str(journal), "--out", str(tmp_path / "defense"))
     assert result.returncode == 0, result.stderr[-2000:]
     replayed = json.loads((tmp_path / "defense.json").read_text())
     assert {k: v for k, v in replayed.items() if k != "meta"} == {k: v for k, v in committed.items() if k != "meta"}
@@ -688,15 +676,13 @@ def test_given_coefficients_and_variant_rebuild_the_committed_test_rows(tmp_path
     committed = json.loads((ROOT / "benchmarks" / "results" / "defense.json").read_text())
     journal = tmp_path / "cells.jsonl"
     journal.write_text((ROOT / "benchmarks" / "results" / "defense_cells.jsonl").read_text())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
     summary = committed["summary"]
     amp, attn = summary["lora_variant_lambdas"]
     reference = summary["chosen_lambdas"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--summarise-only", "--journal", str(journal),
-         "--out", str(tmp_path / "defense"), "--lambdas", str(reference["lambda_amp"]), str(reference["lambda_attn"]),
-         "--variant", summary["lora_variant"], str(amp), str(attn)],
-        env=env, capture_output=True, text=True, timeout=300,
+    result = _run_defense(
+        tmp_path, "--summarise-only", "--journal", str(journal), "--out", str(tmp_path / "defense"),
+        "--lambdas", str(reference["lambda_amp"]), str(reference["lambda_attn"]),
+        "--variant", summary["lora_variant"], str(amp), str(attn),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     given = json.loads((tmp_path / "defense.json").read_text())
@@ -715,11 +701,7 @@ def test_given_coefficients_and_variant_rebuild_the_committed_test_rows(tmp_path
     ],
 )
 def test_a_bad_variant_is_a_usage_error_before_any_work(argv, message, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), "--out", str(tmp_path / "defense"), *argv],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = _run_defense(tmp_path, "--out", str(tmp_path / "defense"), *argv, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert not list(tmp_path.glob("defense*"))
 
@@ -729,14 +711,10 @@ def test_summarise_only_rebuilds_the_committed_gpu_table(tmp_path):
     committed `defense_gpu.json`, and its tables name the device the cells ran on and say that nothing was chosen."""
     results = ROOT / "benchmarks" / "results"
     committed = json.loads((results / "defense_gpu.json").read_text())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_OBLIVIATE_CACHE": str(tmp_path / "cache")}
     command = committed["meta"]["command"].split()[2:]  # after "python benchmarks/defense.py"
     out = command.index("--out")
     command[out + 1] = str(tmp_path / "defense_gpu")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "defense.py"), *command],
-        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,  # the command's paths are the repo's
-    )  # fmt: skip
+    result = _run_defense(tmp_path, *command, cwd=ROOT)  # the command's paths are the repo's
     assert result.returncode == 0, result.stderr[-2000:]
     rebuilt = json.loads((tmp_path / "defense_gpu.json").read_text())
     assert {k: v for k, v in rebuilt.items() if k != "meta"} == {k: v for k, v in committed.items() if k != "meta"}
