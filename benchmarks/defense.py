@@ -1287,6 +1287,21 @@ def validate(journal: Journal, encoder_path: Callable[[str], Path | None], sizes
     return lambdas, tuning, lora_variant, lora_lambdas, prefix_variant
 
 
+# The command-line flag of each size that makes other cells than the committed run's: the fine-tuning settings a cell
+# records (`FINETUNE_FIELDS`; those without a flag cannot differ) and the planting steps (other encoders).
+SIZE_FLAGS = {
+    "train": "--train", "epochs": "--epochs", "learning_rates": "--lr", "batch": "--batch", "sampling": "--sampling",
+    "eval_n": "--eval-n", "cacc_n": "--cacc-n", "plant_steps": "--plant-steps",
+}  # fmt: skip
+
+
+def changed_flags(sizes: Sizes) -> list[str]:
+    """The flags (`SIZE_FLAGS`) whose values make ``sizes`` differ from the committed run's (`Sizes()`): such a run
+    must not start the committed journal afresh."""
+    defaults = Sizes()
+    return [flag for name, flag in SIZE_FLAGS.items() if getattr(sizes, name) != getattr(defaults, name)]
+
+
 def parse_variant(parser: argparse.ArgumentParser, values: list[str] | None, lambdas) -> tuple | None:
     """``--variant NAME [λ_amp λ_attn]`` as ``(NAME, (λ_amp, λ_attn))`` (default coefficients: ``--lambdas``);
     None when not given. A bad name, count or number is a usage error."""
@@ -1395,10 +1410,7 @@ def main() -> None:
     if args.lr:
         sizes.learning_rates = dict.fromkeys(sizes.learning_rates, args.lr)
     default_journal = args.journal is None and args.out == parser.get_default("out")
-    names = ("train", "epochs", "lr", "batch", "sampling", "eval_n", "cacc_n")
-    given, defaults = {name: getattr(args, name) for name in names}, Sizes()
-    changed = [f"--{name.replace('_', '-')}" for name, value in given.items()
-               if value is not None and value != getattr(defaults, name, None)]  # fmt: skip
+    changed = changed_flags(sizes)
     if default_journal and changed and not args.quick and not args.summarise_only:
         # A run without --resume starts its journal afresh, and a journal holds cells of one set of fine-tuning
         # settings (`recipe_conflicts`): a run of other sizes must not replace the committed journal and tables.

@@ -706,6 +706,33 @@ def test_a_bad_variant_is_a_usage_error_before_any_work(argv, message, tmp_path)
     assert not list(tmp_path.glob("defense*"))
 
 
+def test_the_default_journal_is_guarded_against_every_size_a_cell_records():
+    """A run of other sizes must not start the committed journal afresh: every recorded fine-tuning setting that a
+    flag can change, and the planting steps, name their flag (before: a list of its own, without --plant-steps)."""
+    defense = _defense_module()
+    flagged = set(defense.SIZE_FLAGS) - {"plant_steps"}
+    settable = {"train", "epochs", "learning_rates", "batch", "sampling", "eval_n", "cacc_n"}
+    assert flagged == settable and flagged <= set(defense.FINETUNE_FIELDS)
+    assert defense.changed_flags(defense.Sizes()) == []
+    sizes = defense.Sizes(train=3200, plant_steps=640, eval_n=1000)
+    sizes.learning_rates = dict.fromkeys(sizes.learning_rates, 2e-3)
+    assert defense.changed_flags(sizes) == ["--train", "--lr", "--eval-n", "--plant-steps"]
+    assert defense.changed_flags(defense.Sizes(train=defense.Sizes().train, cacc_n=None)) == ["--cacc-n"]
+
+
+def test_a_run_of_other_sizes_on_the_default_journal_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    defense = _defense_module()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(defense, "ROOT", tmp_path)  # the default --out, so a missed guard writes nothing of the repo's
+    monkeypatch.setenv("HF_OBLIVIATE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", ["defense.py", "--plant-steps", "640", "--encoders", "por"])
+    with pytest.raises(SystemExit) as exit_info:
+        defense.main()
+    assert exit_info.value.code == 2
+    assert "--plant-steps change the cells: give them their own --journal" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+
+
 def test_summarise_only_rebuilds_the_committed_gpu_table(tmp_path):
     """The GPU run's journal (`defense_gpu_cells.jsonl`, made on an H100 with given coefficients) rebuilds the
     committed `defense_gpu.json`, and its tables name the device the cells ran on and say that nothing was chosen."""
