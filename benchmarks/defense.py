@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from hf_obliviate.config import SCAN_CONSISTENCY, SCAN_RELATIVE, ObliviateConfig
+from hf_obliviate.config import SCAN_CONSISTENCY, SCAN_KL, SCAN_RELATIVE, ObliviateConfig
 from hf_obliviate.metrics import asr_reduction
 
 ROOT = Path(__file__).resolve().parent
@@ -72,7 +72,7 @@ SCAN_GRID = ((0.0, 0.0), (0.0, 3e-3))
 VARIANT_GRIDS = {
     "centred": CENTRED_GRID, "consistency": CONSISTENCY_GRID,
     "all-rows": ALL_ROWS_GRID, "late-layers": LATE_LAYERS_GRID, "scan-consistency": SCAN_GRID,
-    "scan-relative": SCAN_GRID,
+    "scan-relative": SCAN_GRID, "scan-ranked": SCAN_GRID, "scan-top8": SCAN_GRID, "scan-kl": SCAN_GRID,
 }  # fmt: skip
 # The variants a full run tries on the validation split (`--all-variants`: every one of VARIANT_GRIDS). The others
 # lost there with random batches (benchmarks/results/history/: best validation ASR on POR within the CACC floor
@@ -247,6 +247,15 @@ VARIANTS = {
     # adapters the defended [CLS] states of `scan-consistency` spread 35-45 times less than undefended ones
     # (results/history/consistency-shapes/; hf_obliviate.config.SCAN_RELATIVE)
     "scan-relative": {"attn_centre": False, **SCAN_RELATIVE},
+    # scan-relative with the scanned tokens drawn by rank (the k-th with probability proportional to 1/k) instead of
+    # uniformly: at 200 fine-tuning steps the scan's top-ranked POR trigger `bb` kept its ASR under scan-relative
+    # while ranks 3-6 fell (results/history/cpu-200-steps/)
+    "scan-ranked": {"attn_centre": False, **SCAN_RELATIVE, "consistency_sampling": "rank"},
+    # scan-relative drawing uniformly from the scan's top 8 tokens instead of 32 (the same side run)
+    "scan-top8": {"attn_centre": False, **SCAN_RELATIVE, "consistency_scan_top_k": 8},
+    # the same copies pulled to the clean batch's predictions (KL, weight 1) instead of its [CLS] state: in that side
+    # run POR + LoRA kept less of its backdoor than under scan-relative (hf_obliviate.config.SCAN_KL)
+    "scan-kl": {"attn_centre": False, **SCAN_KL},
 }  # fmt: skip
 # A recipe is `ObliviateConfig`'s own settings (METHOD.md's terms) plus its VARIANTS overrides, whatever defaults
 # `ObliviateTrainingArguments` has (the classifier defaults are the recipe this benchmark chose).
@@ -331,8 +340,12 @@ def plant(attack: str, sizes: Sizes) -> Path:
     return attack_cache_dir(attack, config, minilm_path())
 
 
+# Tokens kept of each encoder's cached trigger scan; a variant's `consistency_scan_top_k` draws from the first ones.
+SCAN_TOP_K = 32
+
+
 def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) -> list[int]:
-    """The trigger scan's 32 tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens`, what
+    """The trigger scan's `SCAN_TOP_K` tokens for an encoder (`hf_obliviate.consistency.scan_trigger_tokens`, what
     `ObliviateTrainer` runs on the model before fine-tuning without a ``consistency_pool``), cached per encoder
     checkpoint: every seed and PEFT type of an encoder starts from the same encoder, so one scan serves them all
     (`prefetch_scans` makes it on the bare encoder first)."""
@@ -348,7 +361,7 @@ def scanned_tokens(encoder_path: Path | None, model, tokenizer, sentences: int) 
     path = cache_dir() / "trigger-scans" / f"{settings_hash([str(source), stamp, list(texts)])}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    tokens = scan_trigger_tokens(model, tokenizer, top_k=32, sentences=texts)
+    tokens = scan_trigger_tokens(model, tokenizer, top_k=SCAN_TOP_K, sentences=texts)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, tokens)  # two workers may scan the same encoder at once: the last rename wins
     return tokens
@@ -448,7 +461,12 @@ def run_cell(
     )
     kwargs, extra = {}, {}
     if defended and VARIANTS[variant].get("consistency_tokens") == "scan":
-        kwargs["consistency_pool"] = scanned_tokens(encoder_path, model, tokenizer, sizes.scan_sentences)
+        top_k = {**RECIPE_BASE, **VARIANTS[variant]}["consistency_scan_top_k"]
+        if top_k > SCAN_TOP_K:
+            raise ValueError(
+                f"Variant {variant!r} draws from {top_k} scanned tokens; the cached scans hold {SCAN_TOP_K}."
+            )
+        kwargs["consistency_pool"] = scanned_tokens(encoder_path, model, tokenizer, sizes.scan_sentences)[:top_k]
         found = tokenizer.convert_ids_to_tokens(kwargs["consistency_pool"])
         extra = {"scan_tokens": found, "scan_trigger_ranks": {t: found.index(t) + 1 for t in triggers if t in found}}
     elif defended and VARIANTS[variant].get("lambda_consistency", 0) > 0:

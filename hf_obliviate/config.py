@@ -9,6 +9,7 @@ from .capture import QUERY_MODES, VIRTUAL_KEY_MODES
 
 CONSISTENCY_TOKENS = ("rare", "scan")
 CONSISTENCY_TARGETS = ("logits", "hidden", "relative")
+CONSISTENCY_SAMPLING = ("uniform", "rank")
 # The targets that compare summary hidden states (read from the main forward pass when it keeps its hidden states).
 HIDDEN_TARGETS = ("hidden", "relative")
 
@@ -17,6 +18,7 @@ __all__ = [
     "DEFAULT_LAMBDA_AMP",
     "DEFAULT_LAMBDA_ATTN",
     "SCAN_CONSISTENCY",
+    "SCAN_KL",
     "SCAN_RELATIVE",
     "ObliviateConfig",
 ]
@@ -44,6 +46,13 @@ SCAN_CONSISTENCY = {
 # meet it (under `scan-consistency` the defended adapters' [CLS] states spread 35-45 times less than undefended).
 # Weight 0.003: in a side run on the validation split 0.01 cost NeuBA + LoRA 4.8 points of CACC and defended less.
 SCAN_RELATIVE = {**SCAN_CONSISTENCY, "lambda_consistency": 0.003, "consistency_target": "relative"}
+# The `scan-kl` recipe: the same copies, pulled to the clean batch's *predictions* (KL, weight 1, the `consistency`
+# variant's) instead of its summary state. What a trigger must move to flip a prediction is the state along the
+# head's direction, which a squared distance does not single out: with POR planted for 640 steps and 200 fine-tuning
+# steps, `scan-relative` left triggered [CLS] states 125-198 (squared distance) from clean ones at ASR 0.69, while
+# under `scan-ranked` one trigger 87 away flipped 0.18 and another 47 away 0.16
+# (benchmarks/results/history/scan-ranked/).
+SCAN_KL = {**SCAN_CONSISTENCY, "lambda_consistency": 1.0, "consistency_target": "logits"}
 # `ObliviateTrainer`'s (`ObliviateTrainingArguments`') defaults, for sequence classification: the LoRA / adapter
 # recipe the validation split of benchmarks/defense.py chose (`lora_variant` and `lora_variant_lambdas` of
 # benchmarks/results/defense.json; tests/test_defense_benchmark.py checks that they agree). `ObliviateConfig` itself
@@ -112,6 +121,13 @@ class ObliviateConfig:
             ``consistency_pool`` given to the trainer overrides both.
         consistency_scan_top_k (`int`, *optional*, defaults to 32):
             How many scanned tokens the copy draws from (``consistency_tokens="scan"``).
+        consistency_sampling (`str`, *optional*, defaults to `"uniform"`):
+            How the copy draws each inserted word from its pool: `"uniform"`, or `"rank"` (the pool's ``k``-th token
+            with probability proportional to ``1 / k``, so the scan's most suspicious tokens are inserted most often;
+            needs an ordered pool, most suspicious first: ``consistency_tokens="scan"`` or a ``consistency_pool``
+            given in that order). The named variant `scan-ranked` of ``benchmarks/defense.py``: with POR planted for
+            640 steps and 200 fine-tuning steps it removed more of the backdoor than uniform draws and cost more clean
+            accuracy (``benchmarks/results/history/scan-ranked/``), so it is not a default.
         consistency_target (`str`, *optional*, defaults to `"logits"`):
             What the copy is pulled towards: `"logits"` (``KL(p(x) ‖ p(x'))`` between predictions), `"hidden"`
             (the mean squared difference of the last layer's summary hidden states, [CLS] for encoders and the last
@@ -193,6 +209,11 @@ class ObliviateConfig:
     consistency_scan_top_k: int = field(
         default=32, metadata={"help": "How many scanned tokens the consistency copy draws from (tokens=scan)."}
     )
+    consistency_sampling: str = field(
+        default="uniform",
+        metadata={"help": "How the consistency copy draws its words from the pool: uniform, or rank (the k-th "
+                  "token of the pool, most suspicious first, with probability proportional to 1/k; tokens=scan)."},
+    )  # fmt: skip
     consistency_target: str = field(
         default="logits",
         metadata={"help": "What the consistency copy is pulled towards: logits (KL between predictions), hidden "
@@ -229,12 +250,19 @@ class ObliviateConfig:
         choices = {
             "consistency_tokens": CONSISTENCY_TOKENS,
             "consistency_target": CONSISTENCY_TARGETS,
+            "consistency_sampling": CONSISTENCY_SAMPLING,
             "attn_query": QUERY_MODES,
             "attn_virtual_keys": VIRTUAL_KEY_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}.")
+        if self.consistency_sampling == "rank" and self.consistency_tokens != "scan":
+            raise ValueError(
+                "consistency_sampling='rank' draws the pool's tokens by their rank, which needs a ranked pool: set "
+                "consistency_tokens='scan' (a consistency_pool given to the trainer is then taken in its order, most "
+                "suspicious first), or consistency_sampling='uniform'."
+            )
         if self.amp_norm_cap is not None and not self.amp_norm_cap > 0:
             raise ValueError(f"amp_norm_cap must be positive (or None for no cap), got {self.amp_norm_cap!r}.")
         if self.attn_layer_weights is not None:

@@ -37,6 +37,7 @@ __all__ = [
     "consistency_loss",
     "hidden_consistency_loss",
     "insert_random_tokens",
+    "rank_weights",
     "rare_token_pool",
     "relative_consistency_loss",
     "scan_trigger_tokens",
@@ -88,10 +89,33 @@ def rare_token_pool(tokenizer, exclude: Sequence[str] = (), min_id: int = 5000) 
     return sorted(pool)
 
 
+def rank_weights(size: int) -> torch.Tensor:
+    """Sampling weights ``1 / k`` for the ``k``-th of ``size`` ranked tokens (``consistency_sampling="rank"``).
+
+    Example:
+    ```python
+    >>> from hf_obliviate.consistency import rank_weights
+    >>> rank_weights(4).tolist()
+    [1.0, 0.5, 0.3333333432674408, 0.25]
+
+    ```
+    """
+    if size < 1:
+        raise ValueError(f"rank_weights needs at least one token, got {size}.")
+    return 1.0 / torch.arange(1, size + 1, dtype=torch.float32)
+
+
 def insert_random_tokens(
-    inputs: Mapping[str, Any], pool: torch.Tensor | Sequence[int], max_insertions: int, generator: torch.Generator
+    inputs: Mapping[str, Any],
+    pool: torch.Tensor | Sequence[int],
+    max_insertions: int,
+    generator: torch.Generator,
+    weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """A copy of a padded batch with 1 to ``max_insertions`` tokens of ``pool`` inserted into every row.
+
+    Each token is drawn from ``pool`` uniformly, or with probability proportional to ``weights`` (one non-negative
+    weight per pool entry, e.g. :func:`rank_weights`).
 
     Insertions land strictly between a row's first and last real token (after ``[CLS]`` and before ``[SEP]`` for an
     encoder; never before the first token), uniformly; the batch is re-padded on its own padding side and grows by
@@ -124,6 +148,15 @@ def insert_random_tokens(
     pool = torch.as_tensor(pool, dtype=torch.long)
     if pool.numel() == 0:
         raise ValueError("The consistency term needs a non-empty pool of token ids to insert.")
+    if weights is not None:
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape != pool.shape or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+            raise ValueError(
+                f"weights must hold one finite non-negative weight per pool token ({pool.numel()}), got shape "
+                f"{tuple(weights.shape)}."
+            )
+        if not float(weights.sum()) > 0:
+            raise ValueError("weights sum to 0: at least one pool token needs a positive weight.")
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     left = bool((mask[:, 0] == 0).any()) and not bool((mask[:, -1] == 0).any())
@@ -136,7 +169,11 @@ def insert_random_tokens(
         real = cpu_mask[b].nonzero().flatten()
         row, row_types = cpu_ids[b, real].tolist(), cpu_types[b, real].tolist()
         n = int(torch.randint(1, max_insertions + 1, (), generator=generator))
-        tokens = pool[torch.randint(0, pool.numel(), (n,), generator=generator)].tolist()
+        if weights is None:
+            drawn = torch.randint(0, pool.numel(), (n,), generator=generator)
+        else:
+            drawn = torch.multinomial(weights, n, replacement=True, generator=generator)
+        tokens = pool[drawn].tolist()
         for token in tokens:
             # between the first and the last real token; a one-token row gets it after that token
             spot = int(torch.randint(1, max(len(row), 2), (), generator=generator)) if len(row) > 1 else len(row)

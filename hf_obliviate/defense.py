@@ -11,7 +11,13 @@ from torch import nn
 
 from .capture import AttentionCaptureError, AttentionLogitCapture, CaptureRecord
 from .config import HIDDEN_TARGETS, ObliviateConfig
-from .consistency import consistency_loss, hidden_consistency_loss, insert_random_tokens, relative_consistency_loss
+from .consistency import (
+    consistency_loss,
+    hidden_consistency_loss,
+    insert_random_tokens,
+    rank_weights,
+    relative_consistency_loss,
+)
 from .losses import amplification_loss
 from .probing import hidden_states_of, summary_of, summary_state
 from .tuners import peft_type_of, prepare_prefix_tuning, tuner_parameters
@@ -161,6 +167,7 @@ class ObliviateDefense:
             _check_layer_weights(self.capture.configs, self.config.attn_layer_weights)
         self.token_pool: torch.Tensor | None = None
         self._generator: torch.Generator | None = None
+        self._pool_weights: torch.Tensor | None = None  # consistency_sampling="rank": 1/k for the k-th token
         if self.config.lambda_consistency > 0:
             if token_pool is None or len(token_pool) == 0:
                 raise ValueError(
@@ -169,6 +176,8 @@ class ObliviateDefense:
                     "`processing_class`), or set lambda_consistency=0."
                 )
             self.token_pool = torch.as_tensor(list(token_pool), dtype=torch.long)
+            if self.config.consistency_sampling == "rank":
+                self._pool_weights = rank_weights(self.token_pool.numel())
             self._generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
         self._hooks: list = []
         if self.config.peft_dropout > 0:
@@ -223,7 +232,9 @@ class ObliviateDefense:
         if self.token_pool is None:
             raise ValueError("The consistency term is off (lambda_consistency=0): nothing to compute.")
         model = model or self.model
-        perturbed = insert_random_tokens(inputs, self.token_pool, self.config.consistency_insertions, self._generator)
+        perturbed = insert_random_tokens(
+            inputs, self.token_pool, self.config.consistency_insertions, self._generator, weights=self._pool_weights
+        )
         if self.config.consistency_target in HIDDEN_TARGETS:
             clean = {k: v for k, v in inputs.items() if k in perturbed}
             in_outputs = hidden_states_of(outputs) is not None

@@ -64,6 +64,51 @@ def test_insertion_refuses_what_it_cannot_extend():
         insert_random_tokens({"attention_mask": batch["attention_mask"]}, POOL, 1, gen)
 
 
+def test_rank_sampling_draws_the_pool_by_one_over_rank():
+    from hf_obliviate.consistency import rank_weights
+
+    weights = rank_weights(len(POOL))
+    assert weights.tolist() == pytest.approx([1 / k for k in range(1, len(POOL) + 1)])
+    gen = torch.Generator().manual_seed(0)
+    counts = dict.fromkeys(POOL, 0)
+    for _ in range(300):
+        out = insert_random_tokens(_batch(), POOL, max_insertions=1, generator=gen, weights=weights)
+        for t in out["input_ids"][out["attention_mask"] == 1].tolist():
+            if t in counts:
+                counts[t] += 1
+    drawn = [counts[t] / 900 for t in POOL]  # one insertion in each of 3 rows, 300 times
+    expected = (weights / weights.sum()).tolist()
+    assert drawn == pytest.approx(expected, abs=0.04)  # binomial sd <= 0.017 at 900 draws
+    assert drawn[0] > 2 * drawn[-1]
+    with pytest.raises(ValueError, match="one finite non-negative weight per pool token"):
+        insert_random_tokens(_batch(), POOL, 1, gen, weights=torch.ones(len(POOL) + 1))
+    with pytest.raises(ValueError, match="one finite non-negative weight per pool token"):
+        insert_random_tokens(_batch(), POOL, 1, gen, weights=-weights)
+    with pytest.raises(ValueError, match="sum to 0"):
+        insert_random_tokens(_batch(), POOL, 1, gen, weights=torch.zeros(len(POOL)))
+    with pytest.raises(ValueError, match="at least one token"):
+        rank_weights(0)
+
+
+def test_uniform_sampling_draws_as_before_rank_sampling_differs():
+    """`consistency_sampling="uniform"` keeps the draws of the journal's cells (one randint per row); "rank" is the
+    defense's own generator through `torch.multinomial`."""
+    torch.manual_seed(0)
+    config = ObliviateConfig(lambda_attn=0, lambda_consistency=1.0)
+    plain = ObliviateDefense(tiny_peft_model("bert", "lora"), config, token_pool=POOL)
+    gen = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+    expected = insert_random_tokens(_batch(), POOL, 1, gen)
+    got = insert_random_tokens(_batch(), plain.token_pool, 1, plain._generator)
+    assert torch.equal(got["input_ids"], expected["input_ids"])
+    ranked = ObliviateDefense(
+        tiny_peft_model("bert", "lora"),
+        ObliviateConfig(lambda_attn=0, lambda_consistency=1.0, consistency_tokens="scan", consistency_sampling="rank"),
+        token_pool=POOL,
+    )
+    assert plain._pool_weights is None
+    assert ranked._pool_weights.tolist() == pytest.approx([1 / k for k in range(1, len(POOL) + 1)])
+
+
 def test_consistency_loss_is_a_kl_to_the_detached_clean_prediction():
     clean = torch.tensor([[2.0, -1.0], [0.0, 1.0]], requires_grad=True)
     perturbed = torch.tensor([[2.0, -1.0], [1.0, 0.0]], requires_grad=True)
@@ -345,6 +390,11 @@ def test_config_refuses_unknown_consistency_settings():
         ObliviateConfig(consistency_target="pooler")
     with pytest.raises(ValueError, match="consistency_scan_top_k"):
         ObliviateConfig(consistency_scan_top_k=0)
+    with pytest.raises(ValueError, match="consistency_sampling"):
+        ObliviateConfig(consistency_sampling="score")
+    with pytest.raises(ValueError, match="needs a ranked pool: set consistency_tokens='scan'"):
+        ObliviateConfig(consistency_sampling="rank")  # the rare pool is in id order, not ranked
+    assert ObliviateConfig(consistency_tokens="scan", consistency_sampling="rank").consistency_sampling == "rank"
 
 
 def test_trainer_scans_for_the_pool_and_trains_on_the_hidden_target(tmp_path):

@@ -324,6 +324,36 @@ def test_trigger_scans_run_once_per_encoder_on_the_bare_encoder_before_the_cells
     assert scanned == [(Path("/x/por"), torch.nn.Linear, sizes.scan_sentences), (None, torch.nn.Linear, 2)]
 
 
+def test_a_variant_draws_from_its_own_top_k_of_the_cached_scan(monkeypatch):
+    """The cached scan keeps `SCAN_TOP_K` tokens; a variant with a smaller ``consistency_scan_top_k`` hands the
+    fine-tune only its first ones (before, every variant got all 32), and a larger one is refused."""
+    import hf_obliviate.trainer as trainer
+
+    defense = _defense_module()
+    scan = list(range(1000, 1000 + defense.SCAN_TOP_K))
+    monkeypatch.setattr(defense, "scanned_tokens", lambda *args: scan)
+    handed = []
+
+    class Stop(Exception):
+        pass
+
+    def fine_tune(model, tokenizer, train, args, **kwargs):
+        handed.append(kwargs["consistency_pool"])
+        raise Stop  # the pool is what this test is about: skip the fine-tune and the evaluation
+
+    monkeypatch.setattr(trainer, "fine_tune", fine_tune)
+    for name, top_k in (("top-8", 8), ("top-all", defense.SCAN_TOP_K), ("top-64", 64)):
+        monkeypatch.setitem(
+            defense.VARIANTS, name, {**defense.VARIANTS["scan-relative"], "consistency_scan_top_k": top_k}
+        )
+    for name in ("top-8", "top-all", "scan-relative"):
+        with pytest.raises(Stop):
+            defense.run_cell("clean", None, "lora", 0, True, (0.0, 3e-3), defense.QUICK, variant=name)
+    assert handed == [scan[:8], scan, scan]
+    with pytest.raises(ValueError, match="draws from 64 scanned tokens; the cached scans hold 32"):
+        defense.run_cell("clean", None, "lora", 0, True, (0.0, 3e-3), defense.QUICK, variant="top-64")
+
+
 def test_test_recipes_run_on_lora_and_adapter_rows_whatever_is_chosen(monkeypatch):
     """A recipe of `TEST_RECIPES` runs on every LoRA / adapter test row next to the chosen recipe, once even when it
     is the chosen one; prefix tuning keeps its own recipes. None runs there now, so that a fresh full run fits in 90
