@@ -77,8 +77,9 @@ VARIANT_GRIDS = {
 # The variants a full run tries on the validation split (`--all-variants`: every one of VARIANT_GRIDS). The others
 # lost there with random batches (benchmarks/results/history/: best validation ASR on POR within the CACC floor
 # centred 0.253, consistency 0.259, all-rows 0.525, late-layers 0.377, against scan-consistency 0.055), and their
-# 12 validation fine-tunes would take about 7 of the run's 90 minutes.
-FULL_RUN_VARIANTS = ("scan-consistency", "scan-relative")
+# 12 validation fine-tunes would take about 7 of the run's 90 minutes. scan-ranked and scan-top8 cost 5-6 points of
+# CACC on POR + LoRA at 200 steps (results/history/scan-ranked/) and are not raced; scan-kl is (4 fine-tunes).
+FULL_RUN_VARIANTS = ("scan-consistency", "scan-relative", "scan-kl")
 # LoRA / adapter recipes run on every test row whatever the validation split chooses, so the table shows them next to
 # the default (none now). Until 2026-11-24 `scan-consistency` (λ 0 / 0) ran here: it was the default then, and its
 # test cells at the current protocol are in the journal (run 2026-11-24/25), so the table still shows them; a fresh
@@ -89,13 +90,15 @@ TEST_RECIPES: tuple[tuple[str, tuple[float, float]], ...] = ()
 @dataclass
 class Sizes:
     """Run sizes, chosen for a 2-core CPU machine: planting the four attacks plus the adaptive one takes about an
-    hour there (once; cached; BadPre and UOR about 20 minutes each, side by side on one thread each), then 43
+    hour there (once; cached; BadPre and UOR about 20 minutes each, side by side on one thread each), then 47
     validation and 92 test fine-tunes of 100 steps, each evaluated on 200 sentences × (1 + one per trigger) copies
     for the ASR and on the whole split for CACC. On 2 idle cores with the encoders planted and their trigger scans
     cached (``--jobs 2``, the default there: two one-thread fine-tunes side by side) the whole run took 80.0 minutes
     from an empty journal (2026-11-25, results/history/fresh-full-run/; the validation stage about 25); a plain cell
     takes about 50 s, a `scan-consistency` one about 87 s, a `scan-relative` one about 92 s, and a cold scan about a
     minute per encoder. With random batches (``--sampling random``) the same two cells took 75 s and 168 s.
+    `scan-kl` joined the validation race later (the 80.0 minutes ran 43 validation fine-tunes): its 4 screening
+    fine-tunes (about 117 s each) add 4.2 minutes, so about 84 in all.
     LoRA learns at lr 1e-3 in 100 steps (validation CACC 0.71-0.745 on the POR encoder; at 60 steps and lr 5e-4 it
     stayed at chance, 0.55). On a GPU, ``results/defense_gpu.md`` ran ``--train 3200 --epochs 1 --eval-n 1000
     --plant-steps 640 --jobs 12 --lambdas 3e-4 3e-3 --variant scan-relative 0 3e-3 --seeds 0 1`` (then 2 3) on one
