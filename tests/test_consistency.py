@@ -90,9 +90,9 @@ def test_rank_sampling_draws_the_pool_by_one_over_rank():
         rank_weights(0)
 
 
-def test_uniform_sampling_draws_as_before_rank_sampling_differs():
-    """`consistency_sampling="uniform"` keeps the draws of the journal's cells (one randint per row); "rank" is the
-    defense's own generator through `torch.multinomial`."""
+def test_uniform_sampling_draws_as_before_and_rank_sampling_carries_its_weights():
+    """`consistency_sampling="uniform"` keeps the draws of the journal's cells (one randint per row); with "rank" the
+    defense hands `insert_random_tokens` the 1/k weights, also when the trainer arguments set it."""
     torch.manual_seed(0)
     config = ObliviateConfig(lambda_attn=0, lambda_consistency=1.0)
     plain = ObliviateDefense(tiny_peft_model("bert", "lora"), config, token_pool=POOL)
@@ -107,6 +107,8 @@ def test_uniform_sampling_draws_as_before_rank_sampling_differs():
     )
     assert plain._pool_weights is None
     assert ranked._pool_weights.tolist() == pytest.approx([1 / k for k in range(1, len(POOL) + 1)])
+    args = ObliviateTrainingArguments(output_dir="out", consistency_sampling="rank", report_to="none")
+    assert args.consistency_tokens == "scan" and args.obliviate_config().consistency_sampling == "rank"
 
 
 def test_consistency_loss_is_a_kl_to_the_detached_clean_prediction():
