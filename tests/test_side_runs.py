@@ -205,6 +205,7 @@ def test_augment_shape_is_the_task_cross_entropy_on_a_copy_with_a_pool_token_ins
 
     model = Model()
     defense = types.SimpleNamespace(model=model, token_pool=torch.tensor([99]), _generator=torch.Generator(),
+                                    _pool_weights=None,  # uniform draws (`consistency_sampling`)
                                     config=types.SimpleNamespace(consistency_insertions=1,
                                                                  consistency_target="logits"))  # fmt: skip
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
