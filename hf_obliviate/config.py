@@ -51,7 +51,8 @@ SCAN_RELATIVE = {**SCAN_CONSISTENCY, "lambda_consistency": 0.003, "consistency_t
 # head's direction, which a squared distance does not single out: with POR planted for 640 steps and 200 fine-tuning
 # steps, `scan-relative` left triggered [CLS] states 125-198 (squared distance) from clean ones at ASR 0.69, while
 # under `scan-ranked` one trigger 87 away flipped 0.18 and another 47 away 0.16
-# (benchmarks/results/history/scan-ranked/).
+# (benchmarks/results/history/scan-ranked/). It lost the 100-step validation race on NeuBA, and at 200 steps it cost
+# NeuBA more than `scan-relative` (one adapter run at chance): not a default.
 SCAN_KL = {**SCAN_CONSISTENCY, "lambda_consistency": 1.0, "consistency_target": "logits"}
 # `ObliviateTrainer`'s (`ObliviateTrainingArguments`') defaults, for sequence classification: the LoRA / adapter
 # recipe the validation split of benchmarks/defense.py chose (`lora_variant` and `lora_variant_lambdas` of
