@@ -464,7 +464,7 @@ def run_cell(
     )
     kwargs, extra = {}, {}
     if defended and VARIANTS[variant].get("consistency_tokens") == "scan":
-        top_k = {**RECIPE_BASE, **VARIANTS[variant]}["consistency_scan_top_k"]
+        top_k = args.consistency_scan_top_k  # the variant's own, over RECIPE_BASE
         if top_k > SCAN_TOP_K:
             raise ValueError(
                 f"Variant {variant!r} draws from {top_k} scanned tokens; the cached scans hold {SCAN_TOP_K}."
